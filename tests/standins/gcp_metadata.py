@@ -1,0 +1,81 @@
+"""Google Compute Engine metadata server stand-in: the identity token endpoint.
+
+`GET /computeMetadata/v1/instance/service-accounts/default/identity?audience=<aud>&format=full`
+with `Metadata-Flavor: Google` answers 200 text/plain with a JWT for that audience. Like the real
+server it refuses requests without the header (403), without an audience (400), and requests that
+carry `X-Forwarded-For` (403: the metadata server does not serve proxied requests).
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+from .http_server import CLOSE, HttpStandin, Reply, Request
+
+IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/{account}/identity"
+FAULTS = (None, "500", "404", "403", "429", "empty", "not_jwt", "expired", "slow", "down")
+
+MetadataRequest = namedtuple("MetadataRequest", "path query headers")
+
+
+class GcpMetadataStandin(HttpStandin):
+    def __init__(self, issuer, sub: str = "110123456789012345678",
+                 email: str = "openai-wif@my-project.iam.gserviceaccount.com", lifetime_s: int = 3600):
+        super().__init__()
+        self.issuer = issuer
+        self.sub = sub
+        self.email = email
+        self.lifetime_s = lifetime_s
+        self.reject_x_forwarded_for = True
+        self.reset()
+
+    def reset(self):
+        with self._lock:
+            self.fault = None
+            self.slow_seconds = 10.0
+            self.requests = 0
+            self.last_request = None
+            self.tokens: list = []  # every JWT served, oldest first
+
+    def _paths(self):
+        return {IDENTITY_PATH.format(account="default"), IDENTITY_PATH.format(account=self.email)}
+
+    def handle(self, request: Request):
+        with self._lock:
+            self.requests += 1
+            self.last_request = MetadataRequest(request.path, request.query, request.headers)
+        fault = self.fault
+        if fault == "down":
+            return CLOSE
+        if fault == "slow" and self.pause(self.slow_seconds):
+            return CLOSE
+        if fault in ("500", "404", "403", "429"):
+            return Reply.text(int(fault), f"metadata server fault {fault}\n", headers=[("Metadata-Flavor", "Google")])
+        if request.method != "GET":
+            return Reply.text(405, "Method not allowed\n")
+        if request.path not in self._paths():
+            return Reply.text(404, "Not Found\n", "text/html; charset=UTF-8")
+        if request.header("metadata-flavor") != "Google":
+            return Reply.text(403, 'Missing required header "Metadata-Flavor": "Google"\n', "text/html; charset=UTF-8")
+        if self.reject_x_forwarded_for and request.header("x-forwarded-for") is not None:
+            return Reply.text(403, "Request had X-Forwarded-For header and is rejected\n", "text/html; charset=UTF-8")
+        audience = request.query.get("audience", "")
+        if not audience:
+            return Reply.text(400, "non-empty audience parameter required\n")
+        headers = [("Metadata-Flavor", "Google")]
+        if fault == "empty":
+            return Reply.text(200, "", headers=headers)
+        if fault == "not_jwt":
+            return Reply.text(200, "this-is-not-a-jwt", headers=headers)
+        claims = {"azp": self.sub, "email": self.email, "email_verified": True}
+        if request.query.get("format") == "full":
+            claims["google"] = {"compute_engine": {"instance_id": "4242424242424242", "instance_name": "openai-wif-vm",
+                                                   "project_id": "my-project", "project_number": 123456789012,
+                                                   "zone": "us-central1-a"}}
+        if fault == "expired":
+            token = self.issuer.mint_expired(self.sub, audience, **claims)
+        else:
+            token = self.issuer.mint(self.sub, audience, self.lifetime_s, **claims)
+        with self._lock:
+            self.tokens.append(token)
+        return Reply.text(200, token, headers=headers)
