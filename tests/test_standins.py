@@ -1,0 +1,685 @@
+"""Tests of the stand-ins themselves: they must follow the documented protocols, or the end-to-end
+tests prove nothing."""
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from urllib.parse import urlencode
+
+import grpc
+import jwt
+import pytest
+from spiffe import WorkloadApiClient
+from spiffe._proto import workload_pb2, workload_pb2_grpc
+
+from tests.standins import Standins
+from tests.standins.azure_imds import AzureImdsStandin
+from tests.standins.gcp_metadata import GcpMetadataStandin
+from tests.standins.issuer import Issuer
+from tests.standins.kubelet import ProjectedTokenDir
+from tests.standins.openai import GRANT_TYPE, OpenAIStandin, claim_matches, mapping
+from tests.standins.spiffe import SpiffeStandin
+
+AUD = "https://api.openai.com/v1"
+JWT_TYPE = "urn:ietf:params:oauth:token-type:jwt"
+SUB = "spiffe://example.com/ns/inference/sa/worker"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def call(port, method, target, body=None, headers=None):
+    """(status, lower-case headers, body bytes); raises ConnectionError if the server hangs up."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        connection.request(method, target, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def decode(token, issuer, audience):
+    return jwt.decode(token, jwt.PyJWK(issuer.public_jwk()).key, algorithms=["RS256"], audience=audience,
+                      issuer=issuer.iss)
+
+
+@pytest.fixture(scope="module")
+def issuer():
+    return Issuer("https://spiffe.example.com")
+
+
+@pytest.fixture(scope="module")
+def openai_server(issuer):
+    server = OpenAIStandin()
+    server.add_provider("wip_test", issuer, AUD, [mapping("sa_test", sub="spiffe://example.com/ns/inference/*"),
+                                                  mapping("sa_bare", sub="*")])
+    with server:
+        yield server
+
+
+@pytest.fixture
+def openai(openai_server):
+    openai_server.reset()
+    openai_server.default_expires_in = 3600
+    yield openai_server
+    openai_server.reset()
+
+
+def exchange_body(subject_token, /, **overrides):
+    body = {"grant_type": GRANT_TYPE, "subject_token_type": JWT_TYPE, "subject_token": subject_token,
+            "identity_provider_id": "wip_test", "service_account_id": "sa_test"}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def exchange(server, subject_token, **overrides):
+    status, headers, body = call(server.port, "POST", "/oauth/token", exchange_body(subject_token, **overrides))
+    return status, headers, json.loads(body) if body.strip().startswith(b"{") else body
+
+
+# Issuer
+
+
+def test_issuer_mints_rs256_tokens_with_kid_that_verify_against_its_jwks(issuer):
+    token = issuer.mint(SUB, AUD, 600, extra="x")
+    header = jwt.get_unverified_header(token)
+    assert header["alg"] == "RS256" and header["kid"] == issuer.kid
+    assert [k["kid"] for k in issuer.jwks()["keys"]] == [issuer.kid]
+    claims = decode(token, issuer, AUD)
+    assert claims["sub"] == SUB and claims["extra"] == "x"
+    assert claims["exp"] - claims["iat"] == 600 and claims["nbf"] == claims["iat"]
+
+
+def test_issuer_broken_tokens_are_each_broken(issuer):
+    key = jwt.PyJWK(issuer.public_jwk()).key
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(issuer.mint_wrong_signature(SUB, AUD), key, algorithms=["RS256"], audience=AUD)
+    assert jwt.get_unverified_header(issuer.mint_unknown_kid(SUB, AUD))["kid"] != issuer.kid
+    assert "kid" not in jwt.get_unverified_header(issuer.mint_without_kid(SUB, AUD))
+    with pytest.raises(jwt.ExpiredSignatureError):
+        decode(issuer.mint_expired(SUB, AUD), issuer, AUD)
+    with pytest.raises(jwt.InvalidIssuerError):
+        decode(issuer.mint_wrong_iss(SUB, AUD), issuer, AUD)
+    with pytest.raises(jwt.InvalidAudienceError):
+        decode(issuer.mint_wrong_aud(SUB), issuer, AUD)
+
+
+# Token endpoint
+
+
+def test_exchange_accepts_a_good_subject_token(openai, issuer):
+    status, headers, body = exchange(openai, issuer.mint(SUB, AUD))
+    assert status == 200, openai.last_rejection
+    assert headers["content-type"] == "application/json"
+    assert set(body) == {"access_token", "issued_token_type", "token_type", "expires_in"}
+    assert body["issued_token_type"] == "urn:ietf:params:oauth:token-type:access_token"
+    assert body["token_type"] == "Bearer" and body["access_token"].startswith("oaiwif_")
+    assert 3590 <= body["expires_in"] <= 3600
+    record = openai.issued[body["access_token"]]
+    assert (record["sub"], record["service_account_id"], record["identity_provider_id"]) == (SUB, "sa_test", "wip_test")
+    assert (openai.exchanges, openai.exchanges_ok) == (1, 1)
+    entry = openai.exchange_log[0]
+    assert entry["ok"] and entry["sub"] == SUB and entry["service_account_id"] == "sa_test"
+    assert entry["fields"] == sorted(exchange_body("x"))
+
+
+def test_exchange_accepts_id_token_type_and_audience_lists(openai, issuer):
+    token = issuer.mint(SUB, ["https://other.example.com", AUD])
+    status, _, _ = exchange(openai, token, subject_token_type="urn:ietf:params:oauth:token-type:id_token")
+    assert status == 200, openai.last_rejection
+
+
+BAD_EXCHANGES = {
+    "bad_signature": lambda i: exchange_body(i.mint_wrong_signature(SUB, AUD)),
+    "unknown_kid": lambda i: exchange_body(i.mint_unknown_kid(SUB, AUD)),
+    "missing_kid": lambda i: exchange_body(i.mint_without_kid(SUB, AUD)),
+    "wrong_issuer": lambda i: exchange_body(i.mint_wrong_iss(SUB, AUD)),
+    "wrong_audience": lambda i: exchange_body(i.mint_wrong_aud(SUB)),
+    "expired": lambda i: exchange_body(i.mint_expired(SUB, AUD, expired_s_ago=1)),
+    "not_yet_valid": lambda i: exchange_body(i.mint(SUB, AUD, nbf=int(time.time()) + 600)),
+    "issued_in_future": lambda i: exchange_body(i.mint(SUB, AUD, iat=int(time.time()) + 600)),
+    "missing_exp": lambda i: exchange_body(i.sign({"iss": i.iss, "sub": SUB, "aud": AUD})),
+    "malformed_token": lambda i: exchange_body("not.a.jwt"),
+    "no_matching_mapping": lambda i: exchange_body(i.mint("spiffe://example.com/ns/other/sa/x", AUD)),
+    "no_matching_mapping:prefix_is_not_a_wildcard": lambda i: exchange_body(i.mint("spiffe://example.com/ns/inference", AUD)),
+    "no_matching_mapping:bare_star": lambda i: exchange_body(i.mint(SUB, AUD), service_account_id="sa_bare"),
+    "unknown_service_account": lambda i: exchange_body(i.mint(SUB, AUD), service_account_id="sa_other"),
+    "unknown_identity_provider": lambda i: exchange_body(i.mint(SUB, AUD), identity_provider_id="wip_other"),
+    "unsupported_grant_type": lambda i: exchange_body(i.mint(SUB, AUD), grant_type="client_credentials"),
+    "unsupported_subject_token_type": lambda i: exchange_body(
+        i.mint(SUB, AUD), subject_token_type="urn:ietf:params:oauth:token-type:access_token"),
+    **{f"missing_field:{name}": (lambda name: lambda i: exchange_body(i.mint(SUB, AUD), **{name: None}))(name)
+       for name in ("grant_type", "subject_token_type", "subject_token", "identity_provider_id", "service_account_id")},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXCHANGES))
+def test_exchange_rejects_with_a_generic_500(openai, issuer, case):
+    status, headers, body = call(openai.port, "POST", "/oauth/token", BAD_EXCHANGES[case](issuer))
+    assert status == 500
+    expected = case if case.startswith("missing_field:") else case.split(":")[0]
+    assert openai.last_rejection == expected
+    # Like the real endpoint, the body says nothing about the cause.
+    assert json.loads(body)["error"]["type"] == "server_error"
+    assert case.split(":")[0].encode() not in body
+    assert (openai.exchanges, openai.exchanges_ok) == (1, 0)
+    assert openai.exchange_log[0]["ok"] is False
+
+
+def test_exchange_requires_a_json_body(openai, issuer):
+    form = urlencode(exchange_body(issuer.mint(SUB, AUD)))
+    status, _, _ = call(openai.port, "POST", "/oauth/token", form,
+                        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 500 and openai.last_rejection == "bad_content_type"
+    status, _, _ = call(openai.port, "POST", "/oauth/token", "{not json", {"Content-Type": "application/json"})
+    assert status == 500 and openai.last_rejection == "bad_json"
+
+
+@pytest.mark.parametrize("expected, actual, matches", [
+    ("spiffe://example.com/ns/*", "spiffe://example.com/ns/a/b", True),
+    ("spiffe://example.com/ns/*", "spiffe://example.com/ns/", True),
+    ("spiffe://example.com/ns/*", "spiffe://example.com/other", False),
+    ("*", "anything", False),
+    ("spiffe://*/ns/*", "spiffe://example.com/ns/a", False),
+    ("spiffe://*/ns/a", "spiffe://*/ns/a", True),
+    ("exact", "exact", True),
+    ("exact", "exactly", False),
+    ("exact", None, False),
+    ("abc*", ["x", "abcd"], True),
+    ("abc*", 42, False),
+])
+def test_mapping_values_allow_one_trailing_wildcard_with_a_prefix(expected, actual, matches):
+    assert claim_matches(expected, actual) is matches
+
+
+def test_expires_in_never_outlives_the_subject_token(openai, issuer):
+    _, _, body = exchange(openai, issuer.mint(SUB, AUD, lifetime_s=120))
+    assert 118 <= body["expires_in"] <= 120
+    openai.default_expires_in = 60
+    _, _, body = exchange(openai, issuer.mint(SUB, AUD))
+    assert body["expires_in"] == 60
+    openai.expires_in_override = 5
+    _, _, body = exchange(openai, issuer.mint(SUB, AUD))
+    assert body["expires_in"] == 5
+    assert openai.issued[body["access_token"]]["expires_at"] <= time.time() + 5
+
+
+def test_exchange_faults(openai, issuer):
+    token = issuer.mint(SUB, AUD)
+    openai.set_fault("500")
+    assert exchange(openai, token)[0] == 500
+    openai.set_fault("429", retry_after=7)
+    status, headers, body = exchange(openai, token)
+    assert status == 429 and headers["retry-after"] == "7" and body["error"]["code"] == "rate_limit_exceeded"
+    openai.set_fault("garbage")
+    status, _, body = call(openai.port, "POST", "/oauth/token", exchange_body(token))
+    assert status == 200 and body.startswith(b"{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)
+    openai.set_fault("html")
+    status, headers, _ = exchange(openai, token)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    openai.set_fault("reset")
+    with pytest.raises(ConnectionError):
+        exchange(openai, token)
+    openai.set_fault("no_expires_in")
+    status, _, body = exchange(openai, token)
+    assert status == 200 and "expires_in" not in body and body["access_token"] in openai.issued
+    openai.set_fault("bad_token_type")
+    status, _, body = exchange(openai, token)
+    assert body["token_type"] != "Bearer" and body["access_token"] not in openai.issued
+    openai.set_fault("empty_token")
+    assert exchange(openai, token)[2]["access_token"] == ""
+    assert openai.exchanges == 8 and openai.exchanges_ok == 1  # only no_expires_in gave a usable token
+    assert openai.last_rejection is None  # faults are not rejections
+
+
+def test_exchange_fault_slow_and_fault_times(openai, issuer):
+    token = issuer.mint(SUB, AUD)
+    openai.set_fault("slow", slow_seconds=0.3)
+    started = time.monotonic()
+    assert exchange(openai, token)[0] == 200
+    assert time.monotonic() - started >= 0.3
+    openai.set_fault("500", times=2)
+    assert [exchange(openai, token)[0] for _ in range(3)] == [500, 500, 200]
+    assert openai.fault is None
+
+
+# API
+
+
+def test_api_accepts_issued_tokens(openai, issuer):
+    access = exchange(openai, issuer.mint(SUB, AUD))[2]["access_token"]
+    auth = {"Authorization": f"Bearer {access}", "x-openai-subject-token": "leak?"}
+    status, headers, body = call(openai.port, "POST", "/v1/chat/completions", {"model": "gpt-x", "messages": []}, auth)
+    assert status == 200
+    assert headers["x-standin-sub"] == SUB and headers["x-standin-service-account"] == "sa_test"
+    completion = json.loads(body)
+    assert completion["object"] == "chat.completion" and completion["model"] == "gpt-x"
+    message = completion["choices"][0]["message"]
+    assert message["role"] == "assistant" and completion["choices"][0]["finish_reason"] == "stop"
+    assert message["content"] == f"Hello from the OpenAI stand-in, authorised as sa_test for {SUB}"
+    assert completion["usage"]["total_tokens"] > 0
+    status, _, body = call(openai.port, "GET", "/v1/models", headers=auth)
+    assert status == 200 and json.loads(body)["object"] == "list"
+    status, _, body = call(openai.port, "GET", "/v1/files", headers=auth)
+    assert status == 200 and json.loads(body) == {"ok": True}
+    path, authorization, seen = openai.api_requests[0]
+    assert path == "/v1/chat/completions" and authorization == f"Bearer {access}"
+    assert seen["x-openai-subject-token"] == "leak?"
+    assert openai.api_ok == 3
+
+
+def test_api_chat_completion_parses_with_the_openai_sdk(openai, issuer):
+    openai_sdk = pytest.importorskip("openai")
+    access = exchange(openai, issuer.mint(SUB, AUD))[2]["access_token"]
+    client = openai_sdk.OpenAI(api_key=access, base_url=openai.url + "/v1", max_retries=0)
+    completion = client.chat.completions.create(model="gpt-4.1-mini", messages=[{"role": "user", "content": "hi"}])
+    assert completion.choices[0].message.content.startswith("Hello from the OpenAI stand-in")
+    response = client.responses.create(model="gpt-4.1-mini", input="hi")
+    assert response.output_text.startswith("Hello from the OpenAI stand-in")
+
+
+def test_api_rejects_unknown_expired_and_revoked_tokens(openai, issuer):
+    def status_with(authorization):
+        headers = {"Authorization": authorization} if authorization else {}
+        status, _, body = call(openai.port, "GET", "/v1/models", headers=headers)
+        if status == 401:
+            assert json.loads(body) == {"error": {"message": json.loads(body)["error"]["message"],
+                                                  "type": "invalid_request_error", "param": None,
+                                                  "code": "invalid_api_key"}}
+        return status
+
+    good = openai.issue_token(SUB, "sa_test", "wip_test")
+    expired = openai.issue_token(SUB, "sa_test", "wip_test", lifetime_s=-1)
+    revoked = openai.issue_token(SUB, "sa_test", "wip_test")
+    openai.revoke(revoked)
+    assert status_with(f"Bearer {good}") == 200
+    assert status_with(None) == 401
+    assert status_with("Bearer sk-static-key") == 401
+    assert status_with(f"Basic {good}") == 401
+    assert status_with(f"Bearer {expired}") == 401
+    assert status_with(f"Bearer {revoked}") == 401
+    openai.api_force_401 = True
+    assert status_with(f"Bearer {good}") == 401
+    assert openai.api_denied == 6
+
+
+def test_echo_returns_the_request_headers(openai):
+    status, _, body = call(openai.port, "GET", "/echo/a?b=1", headers={"X-Thing": "1", "Authorization": "k"})
+    echoed = json.loads(body)
+    assert status == 200 and echoed["path"] == "/echo/a?b=1"
+    assert echoed["headers"]["x-thing"] == "1" and echoed["headers"]["authorization"] == "k"
+
+
+def test_http_standin_restarts_on_the_same_port(issuer):
+    server = OpenAIStandin().start()
+    port = server.port
+    server.stop()
+    with pytest.raises(ConnectionRefusedError):
+        call(port, "GET", "/echo")
+    server.start()
+    try:
+        assert server.port == port and call(port, "GET", "/echo")[0] == 200
+    finally:
+        server.stop()
+
+
+# GCP metadata server
+
+GCP_PATH = "/computeMetadata/v1/instance/service-accounts/default/identity"
+
+
+@pytest.fixture(scope="module")
+def gcp_server():
+    with GcpMetadataStandin(Issuer("https://accounts.google.com"), "1101", "wif@p.iam.gserviceaccount.com",
+                            lifetime_s=900) as server:
+        yield server
+
+
+@pytest.fixture
+def gcp(gcp_server):
+    gcp_server.reset()
+    yield gcp_server
+    gcp_server.reset()
+
+
+def gcp_get(gcp, query=None, headers=None):
+    target = GCP_PATH + ("?" + urlencode(query) if query is not None else "")
+    return call(gcp.port, "GET", target, headers={"Metadata-Flavor": "Google"} if headers is None else headers)
+
+
+def test_gcp_identity_token_for_the_requested_audience(gcp):
+    status, headers, body = gcp_get(gcp, {"audience": AUD, "format": "full"})
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    claims = decode(body.decode(), gcp.issuer, AUD)
+    assert (claims["iss"], claims["sub"], claims["azp"]) == ("https://accounts.google.com", "1101", "1101")
+    assert claims["email"] == "wif@p.iam.gserviceaccount.com" and claims["exp"] - claims["iat"] == 900
+    assert gcp.requests == 1
+    assert gcp.last_request.path == GCP_PATH and gcp.last_request.query == {"audience": AUD, "format": "full"}
+    assert gcp.last_request.headers["metadata-flavor"] == "Google"
+
+
+def test_gcp_requires_the_header_and_an_audience(gcp):
+    assert gcp_get(gcp, {"audience": AUD}, headers={})[0] == 403
+    assert gcp_get(gcp, {"audience": AUD}, headers={"Metadata-Flavor": "google-ish"})[0] == 403
+    assert gcp_get(gcp, {"audience": AUD}, headers={"Metadata-Flavor": "Google", "X-Forwarded-For": "10.0.0.1"})[0] == 403
+    assert gcp_get(gcp, {"format": "full"})[0] == 400
+    assert call(gcp.port, "GET", "/computeMetadata/v1/other", headers={"Metadata-Flavor": "Google"})[0] == 404
+
+
+@pytest.mark.parametrize("fault, status", [("500", 500), ("404", 404), ("403", 403), ("429", 429)])
+def test_gcp_status_faults(gcp, fault, status):
+    gcp.fault = fault
+    assert gcp_get(gcp, {"audience": AUD})[0] == status
+
+
+def test_gcp_content_faults(gcp):
+    gcp.fault = "empty"
+    assert gcp_get(gcp, {"audience": AUD})[2] == b""
+    gcp.fault = "not_jwt"
+    with pytest.raises(jwt.DecodeError):
+        jwt.get_unverified_header(gcp_get(gcp, {"audience": AUD})[2].decode())
+    gcp.fault = "expired"
+    with pytest.raises(jwt.ExpiredSignatureError):
+        decode(gcp_get(gcp, {"audience": AUD})[2].decode(), gcp.issuer, AUD)
+    gcp.fault = "down"
+    with pytest.raises(ConnectionError):
+        gcp_get(gcp, {"audience": AUD})
+    gcp.fault, gcp.slow_seconds = "slow", 0.2
+    started = time.monotonic()
+    assert gcp_get(gcp, {"audience": AUD})[0] == 200 and time.monotonic() - started >= 0.2
+
+
+# Azure IMDS
+
+IMDS_PATH = "/metadata/identity/oauth2/token"
+RESOURCE = "api://00000000-1111-2222-3333-444444444444"
+IDENTITY_A = {"client_id": "aaaa", "object_id": "oid-a", "msi_res_id": "/subscriptions/s/rg/identities/a"}
+IDENTITY_B = {"client_id": "bbbb", "object_id": "oid-b", "msi_res_id": "/subscriptions/s/rg/identities/b"}
+
+
+@pytest.fixture(scope="module")
+def azure_server():
+    issuer = Issuer("https://login.microsoftonline.com/tenant-1/v2.0")
+    with AzureImdsStandin(issuer, "tenant-1", [IDENTITY_A]) as server:
+        yield server
+
+
+@pytest.fixture
+def azure(azure_server):
+    azure_server.reset()
+    azure_server.identities = [IDENTITY_A]
+    yield azure_server
+    azure_server.reset()
+
+
+def imds_get(azure, query, headers=None):
+    status, _, body = call(azure.port, "GET", IMDS_PATH + "?" + urlencode(query),
+                           headers={"Metadata": "true"} if headers is None else headers)
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def test_azure_managed_identity_token(azure):
+    status, body = imds_get(azure, {"api-version": "2018-02-01", "resource": RESOURCE})
+    assert status == 200
+    assert set(body) == {"access_token", "client_id", "expires_in", "expires_on", "ext_expires_in",
+                         "not_before", "resource", "token_type"}
+    assert body["expires_in"] == "3600" and body["resource"] == RESOURCE and body["token_type"] == "Bearer"
+    assert int(body["expires_on"]) - int(body["not_before"]) == 3600
+    claims = decode(body["access_token"], azure.issuer, RESOURCE)
+    assert (claims["tid"], claims["appid"], claims["oid"], claims["sub"]) == ("tenant-1", "aaaa", "oid-a", "oid-a")
+    assert azure.requests == 1 and azure.last_request.query["resource"] == RESOURCE
+
+
+def test_azure_selects_among_several_identities(azure):
+    azure.identities = [IDENTITY_A, IDENTITY_B]
+    base = {"api-version": "2018-02-01", "resource": RESOURCE}
+    status, body = imds_get(azure, base)
+    assert status == 400 and "Multiple user assigned identities" in body["error_description"]
+    for selector in ("client_id", "object_id", "msi_res_id"):
+        status, body = imds_get(azure, {**base, selector: IDENTITY_B[selector]})
+        assert status == 200 and body["client_id"] == "bbbb"
+    status, body = imds_get(azure, {**base, "client_id": "cccc"})
+    assert status == 400 and body["error_description"] == "Identity not found"
+    status, body = imds_get(azure, {**base, "client_id": "aaaa", "object_id": "oid-a"})
+    assert status == 400 and body["error"] == "invalid_request"
+
+
+def test_azure_requires_header_and_api_version(azure):
+    status, body = imds_get(azure, {"api-version": "2018-02-01", "resource": RESOURCE}, headers={})
+    assert status == 400 and body["error_description"] == "Required metadata header not specified"
+    assert imds_get(azure, {"resource": RESOURCE})[0] == 400
+    assert imds_get(azure, {"api-version": "2018-02-01"})[0] == 400
+    assert imds_get(azure, {"api-version": "2018-02-01", "resource": RESOURCE},
+                    headers={"Metadata": "true", "X-Forwarded-For": "10.0.0.1"})[0] == 400
+
+
+def test_azure_faults(azure):
+    query = {"api-version": "2018-02-01", "resource": RESOURCE}
+    azure.fault = "no_token"
+    status, body = imds_get(azure, query)
+    assert status == 200 and "access_token" not in body and body["expires_in"] == "3600"
+    azure.fault = "garbage"
+    status, body = imds_get(azure, query)
+    assert status == 200 and isinstance(body, bytes)
+    azure.fault = "not_jwt"
+    assert imds_get(azure, query)[1]["access_token"] == "this-is-not-a-jwt"
+    azure.fault = "expired"
+    with pytest.raises(jwt.ExpiredSignatureError):
+        decode(imds_get(azure, query)[1]["access_token"], azure.issuer, RESOURCE)
+    azure.fault = "500"
+    assert imds_get(azure, query)[0] == 500
+    azure.fault = "empty"
+    assert imds_get(azure, query) == (200, b"")
+    azure.fault = "down"
+    with pytest.raises(ConnectionError):
+        imds_get(azure, query)
+
+
+# Kubernetes projected token volume
+
+
+def test_projected_token_dir_has_the_kubelet_layout(tmp_path):
+    issuer = Issuer("https://kubernetes.example.com")
+    volume = ProjectedTokenDir(tmp_path / "sa", issuer, lifetime_s=600)
+    root = tmp_path / "sa"
+    assert os.readlink(root / "token") == "..data/token"
+    assert os.readlink(root / "..data").startswith("..2")
+    claims = decode(volume.current(), issuer, AUD)
+    assert claims["sub"] == "system:serviceaccount:default:openai-wif" and claims["aud"] == [AUD]
+    assert claims["kubernetes.io"]["namespace"] == "default"
+
+    first_version = os.readlink(root / "..data")
+    tokens = {volume.current()}
+    for _ in range(3):
+        tokens.add(volume.rotate())
+    assert len(tokens) == 4 and volume.current() in tokens
+    assert not (root / first_version).exists()
+    assert len([n for n in os.listdir(root) if n.startswith("..2")]) <= 2
+
+    volume.write_raw("")
+    assert volume.current() == ""
+    volume.remove()
+    with pytest.raises(FileNotFoundError):
+        volume.current()
+    volume.rotate()
+    assert volume.current().count(".") == 2
+
+
+def test_projected_token_stays_readable_through_rotations(tmp_path):
+    volume = ProjectedTokenDir(tmp_path / "sa", Issuer("https://kubernetes.example.com"))
+    problems, reads = [], [0]
+    done = threading.Event()
+
+    def reader():
+        while not done.is_set():
+            try:
+                with open(volume.path) as file:
+                    text = file.read()
+                if text.count(".") != 2 or len(text) < 100:
+                    problems.append(f"partial: {text[:30]!r}")
+                reads[0] += 1
+            except OSError as error:
+                problems.append(repr(error))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(100):
+            volume.rotate()
+    finally:
+        done.set()
+        thread.join()
+    assert problems == [] and reads[0] > 0 and volume.rotations == 101
+
+
+# SPIFFE Workload API
+
+
+@pytest.fixture(scope="module")
+def spiffe_server():
+    directory = tempfile.mkdtemp(prefix="wif-", dir="/tmp")  # unix socket paths must stay short
+    server = SpiffeStandin(Issuer("https://oidc.spiffe.example.com"), os.path.join(directory, "agent.sock"))
+    with server:
+        yield server
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def spiffe(spiffe_server):
+    spiffe_server.reset()
+    spiffe_server.start()
+    yield spiffe_server
+    spiffe_server.reset()
+    spiffe_server.start()
+
+
+def raw_fetch(spiffe, metadata=(("workload.spiffe.io", "true"),), audience=(AUD,), spiffe_id=""):
+    with grpc.insecure_channel(spiffe.address) as channel:
+        stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+        return stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=list(audience), spiffe_id=spiffe_id),
+                                 metadata=list(metadata), timeout=5)
+
+
+def test_spiffe_client_library_fetches_a_jwt_svid(spiffe):
+    client = WorkloadApiClient(spiffe.address)
+    try:
+        svid = client.fetch_jwt_svid(audience={AUD})
+        assert str(svid.spiffe_id) == SUB and svid.audience == {AUD}
+        claims = decode(svid.token, spiffe.issuer, AUD)
+        assert claims["sub"] == SUB and claims["iss"] == spiffe.issuer.iss
+        assert jwt.get_unverified_header(svid.token)["kid"] == spiffe.issuer.kid
+        bundles = client.fetch_jwt_bundles()
+        bundle = bundles.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+        assert bundle.get_jwt_authority(spiffe.issuer.kid) is not None
+    finally:
+        client.close()
+    assert spiffe.requests == 1
+    assert spiffe.last_metadata["workload.spiffe.io"] == "true"
+    assert spiffe.last_request == {"audience": [AUD], "spiffe_id": ""}
+
+
+def test_spiffe_refuses_like_an_agent(spiffe):
+    with pytest.raises(grpc.RpcError) as error:
+        raw_fetch(spiffe, metadata=())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as error:
+        raw_fetch(spiffe, audience=())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as error:
+        raw_fetch(spiffe, spiffe_id="spiffe://example.com/ns/other/sa/x")
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert raw_fetch(spiffe, spiffe_id=SUB).svids[0].spiffe_id == SUB
+
+
+def test_spiffe_faults_and_restart(spiffe):
+    spiffe.fault = "unavailable"
+    with pytest.raises(grpc.RpcError) as error:
+        raw_fetch(spiffe)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    spiffe.fault = "no_svids"
+    assert len(raw_fetch(spiffe).svids) == 0
+    spiffe.fault = "not_jwt"
+    assert raw_fetch(spiffe).svids[0].svid == "this-is-not-a-jwt"
+    spiffe.fault = "expired"
+    with pytest.raises(jwt.ExpiredSignatureError):
+        decode(raw_fetch(spiffe).svids[0].svid, spiffe.issuer, AUD)
+    spiffe.fault = None
+    spiffe.stop()
+    with pytest.raises(grpc.RpcError) as error:
+        raw_fetch(spiffe)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    spiffe.start()
+    assert raw_fetch(spiffe).svids[0].spiffe_id == SUB
+
+
+# Everything wired together
+
+
+def test_every_platform_token_exchanges_at_its_provider(tmp_path):
+    with Standins.start_all(tmp_path) as standins:
+        port = standins.openai.port
+
+        def exchange_for(platform, token):
+            wiring = standins.wiring[platform]
+            status, _, body = call(port, "POST", "/oauth/token", exchange_body(
+                token, identity_provider_id=wiring.identity_provider_id,
+                service_account_id=wiring.service_account_id))
+            assert status == 200, (platform, standins.openai.last_rejection)
+            return json.loads(body)["access_token"]
+
+        exchange_for("header", standins.subject_token("system:serviceaccount:default:app-a"))
+        exchange_for("header", standins.subject_token("system:serviceaccount:default:app-b"))
+        exchange_for("k8s", standins.token_dir.current())
+        gcp_token = call(standins.gcp.port, "GET", GCP_PATH + "?" + urlencode({"audience": AUD}),
+                         headers={"Metadata-Flavor": "Google"})[2].decode()
+        exchange_for("gcp", gcp_token)
+        imds = call(standins.azure.port, "GET", IMDS_PATH + "?" + urlencode(
+            {"api-version": "2018-02-01", "resource": standins.wiring["azure"].audience}), headers={"Metadata": "true"})
+        exchange_for("azure", json.loads(imds[2])["access_token"])
+        svid = raw_fetch(standins.spiffe).svids[0].svid
+        access = exchange_for("spiffe", svid)
+        assert standins.openai.issued[access]["service_account_id"] == "sa_spiffe"
+        assert standins.openai.exchanges_ok == 6
+        # A token from one platform is no good at another platform's provider.
+        status, _, _ = call(port, "POST", "/oauth/token", exchange_body(
+            gcp_token, identity_provider_id="wip_k8s", service_account_id="sa_k8s"))
+        assert status == 500 and standins.openai.last_rejection == "unknown_kid"
+        standins.reset()
+        assert standins.openai.exchanges == 0
+
+
+def test_standins_run_as_a_process_for_the_demo(tmp_path):
+    config = tmp_path / "standins.json"
+    process = subprocess.Popen([sys.executable, "-m", "tests.standins", "--config", str(config)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not config.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        description = json.loads(config.read_text())
+        status, _, body = call(description["openai"]["port"], "POST", "/oauth/token", exchange_body(
+            description["subject_token"], identity_provider_id=description["identity_provider_id"],
+            service_account_id=description["service_account_id"]))
+        assert status == 200 and json.loads(body)["token_type"] == "Bearer"
+        unmapped = description["subject_tokens"][description["unmapped_subject"]]
+        status, _, _ = call(description["openai"]["port"], "POST", "/oauth/token", exchange_body(
+            unmapped, identity_provider_id=description["identity_provider_id"],
+            service_account_id=description["service_account_id"]))
+        assert status == 500
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
