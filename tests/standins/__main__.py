@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -50,8 +51,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     standins = None
+    own_workdir = None
     if args.all:
         workdir = args.workdir or tempfile.mkdtemp(prefix="wif-standins-")
+        own_workdir = None if args.workdir else workdir
         standins = Standins(workdir)
         openai = standins.openai
     else:
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
             standins.stop_all()
         else:
             openai.stop()
+        if own_workdir:
+            shutil.rmtree(own_workdir, ignore_errors=True)
     return 0
 
 
