@@ -1,0 +1,688 @@
+"""Every Envoy configuration of the project, rendered from one template.
+
+The shipped examples under `envoy/` (profile `production`) and the gateways the tests and the demo
+start (profile `local`) come from the same function, so they cannot drift apart: `local` differs
+only in parameters (loopback addresses, plain HTTP instead of TLS, paths of the test module, token
+directory and socket) and in one extra virtual host that proves the filter leaves other hosts alone.
+
+    render(profile, source, **overrides) -> str    the bootstrap as YAML, with explanatory comments
+    build(profile, source, **overrides) -> dict    the same bootstrap as a plain dict
+    filter_config(source, ...) -> dict             the filter's JSON configuration
+
+    python -m tools.envoy_config --write    regenerate the files under envoy/
+    python -m tools.envoy_config --check    exit 1 if a file under envoy/ differs from its rendering
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import ipaddress
+import json
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+ENVOY_DIR = REPO / "envoy"
+
+PROFILES = ("production", "local")
+SOURCES = ("header", "kubernetes", "gcp_metadata", "azure_imds", "spiffe")
+
+# The identity-source cluster each gateway-identity source needs (the header source needs none).
+SOURCE_CLUSTER = {
+    "kubernetes": "wif_token_file",
+    "gcp_metadata": "gcp_metadata",
+    "azure_imds": "azure_imds",
+    "spiffe": "spiffe_workload_api",
+}
+
+FILTER_NAME = "openai_wif"  # the HTTP filter's name: the key that per-route configs refer to
+API_CLUSTER = "openai_api"
+AUTH_CLUSTER = "openai_auth"
+TOKEN_LISTENER = "wif_token_file"
+GATEWAY_LISTENER = "openai_egress"
+ECHO_HOST = "other.example"
+SUBJECT_HEADER = "x-openai-subject-token"
+AUDIENCE = "https://api.openai.com/v1"
+PLACEHOLDER_PROVIDER = "wip_REPLACE_ME"
+PLACEHOLDER_ACCOUNT = "sa_REPLACE_ME"
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """Everything that differs between deployments. Profiles are sets of defaults for these."""
+
+    listen_address: str = "0.0.0.0"
+    listen_port: int = 10000
+    admin_address: str = "127.0.0.1"
+    admin_port: int = 9901
+    # :authority values routed to OpenAI (and, by default, handled by the filter).
+    api_hosts: tuple = ("api.openai.com", "openai-egress.internal")
+    api_address: str = "api.openai.com"
+    api_port: int = 443
+    auth_address: str = "auth.openai.com"
+    auth_port: int = 443
+    upstream_tls: bool = True
+    ca_file: str = "/etc/ssl/certs/ca-certificates.crt"
+    gcp_metadata_address: str = "metadata.google.internal"
+    gcp_metadata_port: int = 80
+    azure_imds_address: str = "169.254.169.254"
+    azure_imds_port: int = 80
+    spiffe_socket: str = "/run/spire/agent.sock"
+    token_dir: str = "/var/run/secrets/tokens"
+    token_file: str = "token"
+    module: str = "/etc/envoy/openai_wif.wasm"
+    # The filter's configuration (a dict, serialised to JSON); None: the example with placeholders.
+    filter_config: dict | None = None
+    # Identity-source clusters to include; None: only the one the source needs.
+    identity_clusters: tuple | None = None
+    # A virtual host for this name routed to the OpenAI upstream's /echo/ with the filter enabled
+    # (tests: proves that the filter passes requests for other hosts untouched). None: no such host.
+    echo_host: str | None = None
+    access_log: bool = True
+    # Which platform the comments talk about (only changes comments).
+    platform: str | None = None
+
+
+PROFILE_DEFAULTS = {
+    "production": {},
+    "local": {
+        "listen_address": "127.0.0.1",
+        "listen_port": 0,
+        "admin_port": 0,
+        "api_hosts": ("api.openai.com", "openai-egress.internal", "localhost", "127.0.0.1"),
+        "api_address": "127.0.0.1",
+        "auth_address": "127.0.0.1",
+        "upstream_tls": False,
+        "gcp_metadata_address": "127.0.0.1",
+        "azure_imds_address": "127.0.0.1",
+        "echo_host": ECHO_HOST,
+    },
+}
+
+
+def params(profile: str, **overrides) -> Params:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; one of {PROFILES}")
+    values = dict(PROFILE_DEFAULTS[profile])
+    # Shorthand for the local profile: one stand-in serves both the token endpoint and the API.
+    if "openai_port" in overrides:
+        port = overrides.pop("openai_port")
+        values.update(api_port=port, auth_port=port)
+    values.update(overrides)
+    for name in ("api_hosts", "identity_clusters"):
+        if values.get(name) is not None:
+            values[name] = tuple(values[name])
+    return Params(**values)  # an unknown override is a TypeError naming it
+
+
+# ---------------------------------------------------------------------------------------------
+# The filter's configuration
+
+
+def subject_token(source: str, **settings) -> dict:
+    """The `subject_token` section for a source, with the cluster names this module uses."""
+    examples = {
+        "header": {"source": "header", "header": SUBJECT_HEADER},
+        "kubernetes": {"source": "kubernetes", "cluster": SOURCE_CLUSTER["kubernetes"], "path": "/token",
+                       "authority": "localhost"},
+        "gcp_metadata": {"source": "gcp_metadata", "cluster": SOURCE_CLUSTER["gcp_metadata"], "audience": AUDIENCE,
+                         "authority": "metadata.google.internal"},
+        "azure_imds": {"source": "azure_imds", "cluster": SOURCE_CLUSTER["azure_imds"],
+                       "resource": "api://REPLACE_ME_APPLICATION_ID"},
+        "spiffe": {"source": "spiffe", "cluster": SOURCE_CLUSTER["spiffe"], "audience": AUDIENCE},
+    }
+    if source not in examples:
+        raise ValueError(f"unknown subject token source {source!r}; one of {SOURCES}")
+    section = dict(examples[source])
+    section.update(settings)
+    return {k: v for k, v in section.items() if v is not None}
+
+
+def filter_config(source: str, identity_provider_id: str = PLACEHOLDER_PROVIDER,
+                  service_account_id: str = PLACEHOLDER_ACCOUNT, hosts=("api.openai.com",),
+                  subject: dict | None = None, token_endpoint: dict | None = None, **extra) -> dict:
+    """The filter's configuration (see the README): `subject` overrides fields of `subject_token`."""
+    endpoint = {"cluster": AUTH_CLUSTER, "authority": "auth.openai.com", "path": "/oauth/token", "timeout_ms": 5000}
+    endpoint.update(token_endpoint or {})
+    config = {
+        "identity_provider_id": identity_provider_id,
+        "service_account_id": service_account_id,
+        "subject_token": subject_token(source, **(subject or {})),
+        "subject_token_type": "jwt",
+        "token_endpoint": endpoint,
+        "hosts": list(hosts),
+    }
+    config.update(extra)
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Comments inside generated YAML
+#
+# PyYAML cannot write comments, so a comment is a marker key (`__note_<n>__: null`) placed in a
+# mapping right before the key it explains; render() turns markers into comment lines, build()
+# drops them.
+
+_NOTE_KEY = re.compile(r"^__note_(\d+)__$")
+_NOTE_LINE = re.compile(r"^(?P<indent> *)(?P<dash>- )?__note_(?P<n>\d+)__: null$")
+
+
+class _Notes:
+    def __init__(self):
+        self.texts: list = []
+
+    def __call__(self, text: str) -> str:
+        self.texts.append(textwrap.dedent(text).strip("\n"))
+        return f"__note_{len(self.texts) - 1}__"
+
+
+def _strip_notes(value):
+    if isinstance(value, dict):
+        return {k: _strip_notes(v) for k, v in value.items() if not (isinstance(k, str) and _NOTE_KEY.match(k))}
+    if isinstance(value, list):
+        return [_strip_notes(v) for v in value]
+    return value
+
+
+def _apply_notes(text: str, notes: _Notes) -> str:
+    out: list = []
+    dash_pending = None  # indentation of a "- " whose first key was a note
+    for line in text.splitlines():
+        match = _NOTE_LINE.match(line)
+        if match:
+            indent = match["indent"]
+            for comment_line in notes.texts[int(match["n"])].splitlines():
+                out.append(f"{indent}# {comment_line}".rstrip())
+            if match["dash"]:
+                dash_pending = indent
+            continue
+        if dash_pending is not None:
+            line = dash_pending + "- " + line[len(dash_pending) + 2:]
+            dash_pending = None
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+class _Literal(str):
+    """A string written as a YAML literal block (the filter's JSON configuration stays readable)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(
+    _Literal, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def _typed(type_name: str, **fields) -> dict:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return False
+
+
+def _socket(address: str, port: int) -> dict:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _endpoints(name: str, address: dict) -> dict:
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}]}
+
+
+def _http_options(**options) -> dict:
+    return {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions":
+            _typed("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **options)}
+
+
+def _tls_socket(host: str, ca_file: str) -> dict:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            sni=host,
+            common_tls_context={
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                },
+            },
+        ),
+    }
+
+
+def _tcp_cluster(name: str, address: str, port: int, connect_timeout: str, tls_host: str | None,
+                 ca_file: str, note=None, **extra) -> dict:
+    """A cluster for one host:port: STATIC for an IP, LOGICAL_DNS for a name; TLS if tls_host."""
+    cluster = {}
+    if note:
+        cluster[note] = None
+    cluster.update({"name": name, "type": "STATIC" if _is_ip(address) else "LOGICAL_DNS",
+                    "connect_timeout": connect_timeout})
+    if not _is_ip(address):
+        cluster.update({"dns_lookup_family": "V4_PREFERRED", "respect_dns_ttl": True})
+    cluster["load_assignment"] = _endpoints(name, _socket(address, port))
+    if tls_host:
+        cluster["transport_socket"] = _tls_socket(tls_host, ca_file)
+    cluster.update(extra)
+    return cluster
+
+
+def _hcm(stat_prefix: str, route_config: dict, http_filters: list, access_log: bool) -> dict:
+    config = {"stat_prefix": stat_prefix, "codec_type": "AUTO"}
+    if access_log:
+        config["access_log"] = [{"name": "envoy.access_loggers.stdout", "typed_config": _typed(
+            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog")}]
+    config.update({"route_config": route_config, "http_filters": http_filters})
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", **config)}
+
+
+def _router() -> dict:
+    return {"name": "envoy.filters.http.router",
+            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+
+
+def _domains(hosts) -> list:
+    # Clients that address the gateway by host:port send the port in :authority; match both forms.
+    result = []
+    for host in hosts:
+        result += [host, f"{host}:*"]
+    return result
+
+
+def _filter_disabled() -> dict:
+    return {FILTER_NAME: _typed("envoy.config.route.v3.FilterConfig", disabled=True)}
+
+
+def _error_json(message: str, code: str) -> str:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+
+
+# ---------------------------------------------------------------------------------------------
+# The bootstrap
+
+
+def _wasm_filter(p: Params, config: dict, note) -> dict:
+    return {
+        note("""\
+            The openai-wif filter. Fail closed: if the module cannot be loaded or its VM dies, requests
+            are refused instead of reaching OpenAI without credentials. Its configuration is JSON
+            (reference: README.md); replace the placeholder ids with your Workload Identity Provider
+            (wip_...) and service account (sa_...)."""): None,
+        "name": FILTER_NAME,
+        "typed_config": _typed("envoy.extensions.filters.http.wasm.v3.Wasm", config={
+            "name": "openai_wif",
+            "root_id": "openai_wif",
+            "failure_policy": "FAIL_CLOSED",
+            "vm_config": {
+                "vm_id": "openai_wif",
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": p.module}},
+            },
+            "configuration": _typed("google.protobuf.StringValue",
+                                    value=_Literal(json.dumps(config, indent=2) + "\n")),
+        }),
+    }
+
+
+def _gateway_listener(p: Params, config: dict, note) -> dict:
+    api_route = {
+        "match": {"prefix": "/"},
+        "route": {
+            "cluster": API_CLUSTER,
+            "host_rewrite_literal": "api.openai.com",
+            note("""\
+                No overall deadline: completions can stream for minutes. A stream that stays silent
+                for idle_timeout is ended."""): None,
+            "timeout": "0s",
+            "idle_timeout": "300s",
+        },
+    }
+    deny_route = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 403, "body": {"inline_string": _error_json(
+            "This gateway only forwards requests to the OpenAI API.", "host_not_allowed")}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        note("The filter does not run for refused requests (no token exchange for them)."): None,
+        "typed_per_filter_config": _filter_disabled(),
+    }
+    virtual_hosts = [{"name": "openai_api", "domains": _domains(p.api_hosts), "routes": [api_route]}]
+    if p.echo_host:
+        virtual_hosts.append({
+            note("""\
+                Test only: another host, forwarded to the stand-in's /echo/ with the filter enabled, to
+                show that the filter leaves requests for hosts it does not handle untouched."""): None,
+            "name": "echo",
+            "domains": _domains([p.echo_host]),
+            "routes": [{"match": {"prefix": "/"},
+                        "route": {"cluster": API_CLUSTER, "prefix_rewrite": "/echo/", "timeout": "10s"}}],
+        })
+    virtual_hosts.append({
+        note("Everything else is refused: the gateway is not an open proxy."): None,
+        "name": "deny",
+        "domains": ["*"],
+        "routes": [deny_route],
+    })
+    route_config = {"name": "openai_egress", "virtual_hosts": virtual_hosts}
+    chain = {
+        note("""\
+            Plain HTTP from the mesh. To require mTLS from clients, add a transport_socket here:
+              transport_socket:
+                name: envoy.transport_sockets.tls
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+                  require_client_certificate: true
+                  common_tls_context:
+                    tls_certificates: [{certificate_chain: {filename: /etc/envoy/tls/tls.crt},
+                                        private_key: {filename: /etc/envoy/tls/tls.key}}]
+                    validation_context: {trusted_ca: {filename: /etc/envoy/tls/ca.crt}}
+            Whoever can reach this listener can use the gateway's OpenAI identity (for the
+            header source: any identity they hold a token for), so restrict who can reach it."""): None,
+        "filters": [_hcm("openai_egress", route_config, [_wasm_filter(p, config, note), _router()], p.access_log)],
+    }
+    return {"name": GATEWAY_LISTENER, "address": _socket(p.listen_address, p.listen_port), "filter_chains": [chain]}
+
+
+def _token_file_listener(p: Params, note) -> dict:
+    directory = p.token_dir.rstrip("/") or "/"
+    route_config = {"name": "wif_token_file", "virtual_hosts": [{"name": "token", "domains": ["*"], "routes": [{
+        "match": {"path": "/token"},
+        "direct_response": {"status": 200, "body": {
+            "filename": f"{directory}/{p.token_file}",
+            note("""\
+                Kubelet rotates the projected token by swapping the directory's ..data symlink;
+                watching the directory makes Envoy serve the new token (without it, the first one
+                forever)."""): None,
+            "watched_directory": {"path": directory}}},
+    }]}]}
+    return {
+        note("""\
+            Serves the Kubernetes projected service account token to the filter (a Wasm module cannot
+            read files). An internal listener has no network address: only this Envoy can reach it,
+            through the wif_token_file cluster."""): None,
+        "name": TOKEN_LISTENER,
+        "internal_listener": {},
+        "filter_chains": [{"filters": [_hcm("wif_token_file", route_config, [_router()], False)]}],
+    }
+
+
+def _openai_clusters(p: Params, note) -> list:
+    api_extra = {}
+    if p.upstream_tls:
+        # HTTP/2 when the server offers it in ALPN (many streams per connection), else HTTP/1.1.
+        api_extra["typed_extension_protocol_options"] = _http_options(
+            auto_config={"http_protocol_options": {}, "http2_protocol_options": {}})
+    api_extra["circuit_breakers"] = {"thresholds": [
+        {"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096}]}
+    tls_note = ("TLS to OpenAI, verified against the system CA bundle and the expected host name."
+                if p.upstream_tls else "Plain HTTP to a local stand-in (production: TLS, see envoy/egress-gateway.yaml).")
+    return [
+        _tcp_cluster(API_CLUSTER, p.api_address, p.api_port, "5s", "api.openai.com" if p.upstream_tls else None,
+                     p.ca_file, note=note(f"The OpenAI API. {tls_note}"), **api_extra),
+        _tcp_cluster(AUTH_CLUSTER, p.auth_address, p.auth_port, "5s", "auth.openai.com" if p.upstream_tls else None,
+                     p.ca_file, note=note("""\
+                         OpenAI's token endpoint (POST /oauth/token), called by the filter to exchange the
+                         subject token for an access token.""")),
+    ]
+
+
+_PLATFORM_NOTES = {
+    "wif_token_file": """\
+        Kubernetes (any distribution, GKE, AKS, EKS): the projected service account token, served by
+        the wif_token_file internal listener above. Keep with "source": "kubernetes".""",
+    "gcp_metadata": """\
+        Google Cloud (Compute Engine, GKE with Workload Identity, Cloud Run): the metadata server's
+        identity tokens. Keep with "source": "gcp_metadata".""",
+    "azure_imds": """\
+        Azure (VMs, VM scale sets, AKS nodes with a managed identity): Instance Metadata Service
+        managed identity tokens. Keep with "source": "azure_imds".""",
+    "spiffe_workload_api": """\
+        SPIFFE (SPIRE, Defakto): the Workload API on the agent's unix socket, over gRPC (HTTP/2).
+        With the SPIFFE CSI driver the socket is where the driver mounts it, e.g.
+        /spiffe-workload-api/spire-agent.sock. Keep with "source": "spiffe".""",
+}
+
+
+def _identity_cluster(name: str, p: Params, note) -> dict:
+    text = _PLATFORM_NOTES[name]
+    if name == "wif_token_file":
+        return {note(text): None, "name": name, "connect_timeout": "1s",
+                "load_assignment": _endpoints(name, {"envoy_internal_address": {"server_listener_name": TOKEN_LISTENER}})}
+    if name == "gcp_metadata":
+        return _tcp_cluster(name, p.gcp_metadata_address, p.gcp_metadata_port, "1s", None, p.ca_file, note=note(text))
+    if name == "azure_imds":
+        return _tcp_cluster(name, p.azure_imds_address, p.azure_imds_port, "1s", None, p.ca_file, note=note(text))
+    return {note(text): None, "name": name, "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": _http_options(explicit_http_config={"http2_protocol_options": {}}),
+            "load_assignment": _endpoints(name, {"pipe": {"path": p.spiffe_socket}})}
+
+
+def _bootstrap(profile: str, source: str, p: Params, notes: _Notes) -> dict:
+    if source not in SOURCES:
+        raise ValueError(f"unknown subject token source {source!r}; one of {SOURCES}")
+    config = p.filter_config if p.filter_config is not None else filter_config(source, hosts=p.api_hosts)
+    wanted = p.identity_clusters if p.identity_clusters is not None else (
+        (SOURCE_CLUSTER[source],) if source in SOURCE_CLUSTER else ())
+    identity = [name for name in SOURCE_CLUSTER.values() if name in wanted]
+    unknown = set(wanted) - set(identity)
+    if unknown:
+        raise ValueError(f"unknown identity clusters {sorted(unknown)}; known: {sorted(SOURCE_CLUSTER.values())}")
+
+    listeners = [_gateway_listener(p, config, notes)]
+    if "wif_token_file" in identity:
+        listeners.append(_token_file_listener(p, notes))
+    clusters = _openai_clusters(p, notes) + [_identity_cluster(name, p, notes) for name in identity]
+
+    bootstrap = {
+        "admin": {
+            notes("Admin (stats, readiness) on loopback only: it can change the server's state."): None,
+            "address": _socket(p.admin_address, p.admin_port),
+        },
+    }
+    if "wif_token_file" in identity:
+        bootstrap["bootstrap_extensions"] = [{"name": "envoy.bootstrap.internal_listener", "typed_config": _typed(
+            "envoy.extensions.bootstrap.internal_listener.v3.InternalListener")}]
+    bootstrap["overload_manager"] = {"resource_monitors": [{
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": _typed(
+            "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+            max_active_downstream_connections=50000)}]}
+    bootstrap["static_resources"] = {"listeners": listeners, "clusters": clusters}
+    return bootstrap
+
+
+def build(profile: str, source: str, **overrides) -> dict:
+    """The bootstrap as a plain dict (no comments)."""
+    return _strip_notes(_bootstrap(profile, source, params(profile, **overrides), _Notes()))
+
+
+def render(profile: str, source: str, header: str | None = None, **overrides) -> str:
+    """The bootstrap as YAML with comments; `header` (comment text) goes on top."""
+    notes = _Notes()
+    bootstrap = _bootstrap(profile, source, params(profile, **overrides), notes)
+    text = yaml.dump(bootstrap, Dumper=_Dumper, sort_keys=False, width=4096, default_flow_style=False)
+    text = _apply_notes(text, notes)
+    if header:
+        text = "".join(f"# {line}".rstrip() + "\n" for line in textwrap.dedent(header).strip("\n").splitlines()) \
+            + "\n" + text
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The checked-in examples
+
+GENERATED = """\
+Generated by tools/envoy_config.py; do not edit by hand.
+Regenerate: python -m tools.envoy_config --write (checked by make validate)."""
+
+_TOKEN_VOLUME = """\
+Mount the projected token with the audience your Workload Identity Provider expects:
+  volumes:
+  - name: openai-token
+    projected:
+      sources:
+      - serviceAccountToken: {path: token, audience: "https://api.openai.com/v1", expirationSeconds: 3600}
+  volumeMounts: [{name: openai-token, mountPath: /var/run/secrets/tokens, readOnly: true}]"""
+
+EXAMPLES = {
+    "egress-gateway.yaml": {
+        "source": "kubernetes",
+        "overrides": {"identity_clusters": tuple(SOURCE_CLUSTER.values())},
+        "about": """\
+            Production egress gateway for the OpenAI API with keyless credentials (openai-wif).
+            Clients in the mesh send plain HTTP to this gateway (port 10000) with Host api.openai.com or
+            openai-egress.internal, and no API key. The filter obtains the gateway's identity token,
+            exchanges it at auth.openai.com for a short-lived OpenAI access token, caches it, and sends
+            the request to api.openai.com over verified TLS with Authorization: Bearer <access token>.
+            Requests for any other host get 403.
+
+            This file carries every identity source's cluster: keep only the one your platform uses
+            (the comments on the clusters say which), and set "subject_token" to match. The module is
+            expected at /etc/envoy/openai_wif.wasm. As written it uses the Kubernetes projected token.""",
+        "token_volume": True,
+    },
+    "kubernetes.yaml": {
+        "source": "kubernetes",
+        "about": """\
+            Kubernetes: the gateway presents its projected service account token (issuer: the
+            cluster's, `kubectl get --raw /.well-known/openid-configuration | jq -r .issuer`).""",
+        "token_volume": True,
+    },
+    "gke.yaml": {
+        "source": "kubernetes",
+        "about": """\
+            GKE: the same as kubernetes.yaml. The Workload Identity Provider's issuer is the cluster's,
+            https://container.googleapis.com/v1/projects/<project>/locations/<location>/clusters/<cluster>.
+            (To present a Google service account's identity instead, use google-cloud.yaml.)""",
+        "token_volume": True,
+    },
+    "aks.yaml": {
+        "source": "kubernetes",
+        "about": """\
+            AKS: the projected service account token, issuer = the cluster's OIDC issuer URL
+            (`az aks show -n <cluster> -g <group> --query oidcIssuerProfile.issuerUrl`; enable it with
+            --enable-oidc-issuer). Alternatively use the node's or a pod's managed identity through
+            IMDS, as in azure.yaml.""",
+        "token_volume": True,
+    },
+    "google-cloud.yaml": {
+        "source": "gcp_metadata",
+        "about": """\
+            Google Cloud: the gateway presents an identity token of the service account attached to its
+            VM (or GKE Workload Identity / Cloud Run service), from the metadata server, with audience
+            https://api.openai.com/v1 (the Workload Identity Provider's issuer is https://accounts.google.com).""",
+    },
+    "azure.yaml": {
+        "source": "azure_imds",
+        "about": """\
+            Azure: the gateway presents a managed identity token from the Instance Metadata Service.
+            Set "resource" to the Entra application's Application ID URI (api://...), which is also the
+            Workload Identity Provider's audience. With several user-assigned identities, add one of
+            "client_id", "object_id" or "msi_res_id" to "subject_token". (On AKS you can also use the
+            projected service account token: aks.yaml.)""",
+    },
+    "spiffe.yaml": {
+        "source": "spiffe",
+        "about": """\
+            SPIFFE (SPIRE, Defakto): the gateway presents a JWT-SVID fetched from the Workload API on the
+            agent's unix socket, with audience https://api.openai.com/v1. Optionally pin "spiffe_id" in
+            "subject_token". Mount the agent socket into the gateway's pod (SPIFFE CSI driver, or a
+            hostPath) and set the socket path of the spiffe_workload_api cluster.""",
+    },
+    "header.yaml": {
+        "source": "header",
+        "about": """\
+            Per-workload identity: each client sends its own subject token (e.g. its projected service
+            account token) in the x-openai-subject-token header; the gateway exchanges it (cached per
+            token) and removes the header. No identity-source cluster is needed.""",
+    },
+}
+
+
+def render_example(filename: str) -> str:
+    example = EXAMPLES[filename]
+    header = GENERATED + "\n\n" + textwrap.dedent(example["about"]).strip("\n")
+    if example.get("token_volume"):
+        header += "\n" + _TOKEN_VOLUME
+    return render("production", example["source"], header=header, **example.get("overrides", {}))
+
+
+def check(directory: Path = ENVOY_DIR, out=sys.stdout) -> bool:
+    """True if every example under directory is exactly its rendering and nothing else is there."""
+    ok = True
+    for filename in EXAMPLES:
+        path = directory / filename
+        expected = render_example(filename)
+        if not path.exists():
+            print(f"missing: {path}", file=out)
+            ok = False
+            continue
+        actual = path.read_text()
+        if actual != expected:
+            ok = False
+            print(f"differs from its rendering: {path}", file=out)
+            diff = difflib.unified_diff(actual.splitlines(), expected.splitlines(),
+                                        f"{filename} (checked in)", f"{filename} (rendered)", lineterm="", n=1)
+            for line in list(diff)[:40]:
+                print("  " + line, file=out)
+    for path in sorted(directory.glob("*.yaml")):
+        if path.name not in EXAMPLES:
+            print(f"not generated (add it to EXAMPLES in tools/envoy_config.py or remove it): {path}", file=out)
+            ok = False
+    return ok
+
+
+def write(directory: Path = ENVOY_DIR) -> list:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename in EXAMPLES:
+        path = directory / filename
+        text = render_example(filename)
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            written.append(path)
+    return written
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.envoy_config", description=__doc__.split("\n\n")[0])
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", action="store_true", help="regenerate the files under envoy/")
+    group.add_argument("--check", action="store_true", help="fail if a file under envoy/ differs from its rendering")
+    group.add_argument("--print", metavar="FILE", choices=sorted(EXAMPLES), help="print one example's rendering")
+    parser.add_argument("--dir", type=Path, default=ENVOY_DIR, help="directory of the examples (default: envoy/)")
+    args = parser.parse_args(argv)
+    if args.print:
+        sys.stdout.write(render_example(args.print))
+        return 0
+    if args.write:
+        written = write(args.dir)
+        print(f"{len(written)} of {len(EXAMPLES)} files updated under {args.dir}")
+        return 0
+    if check(args.dir):
+        print(f"{len(EXAMPLES)} Envoy configurations under {args.dir} match their rendering")
+        return 0
+    print("run `python -m tools.envoy_config --write` to regenerate", file=sys.stdout)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
