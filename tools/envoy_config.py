@@ -76,7 +76,8 @@ class Params:
     spiffe_socket: str = "/run/spire/agent.sock"
     token_dir: str = "/var/run/secrets/tokens"
     token_file: str = "token"
-    module: str = "/etc/envoy/openai_wif.wasm"
+    # The filter's module; None leaves the filter out (tests of the routing alone).
+    module: str | None = "/etc/envoy/openai_wif.wasm"
     # The filter's configuration (a dict, serialised to JSON); None: the example with placeholders.
     filter_config: dict | None = None
     # Identity-source clusters to include; None: only the one the source needs.
@@ -361,9 +362,12 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
             "This gateway only forwards requests to the OpenAI API.", "host_not_allowed")}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-        note("The filter does not run for refused requests (no token exchange for them)."): None,
-        "typed_per_filter_config": _filter_disabled(),
     }
+    if p.module:
+        deny_route.update({
+            note("The filter does not run for refused requests (no token exchange for them)."): None,
+            "typed_per_filter_config": _filter_disabled(),
+        })
     virtual_hosts = [{"name": "openai_api", "domains": _domains(p.api_hosts), "routes": [api_route]}]
     if p.echo_host:
         virtual_hosts.append({
@@ -382,6 +386,7 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
         "routes": [deny_route],
     })
     route_config = {"name": "openai_egress", "virtual_hosts": virtual_hosts}
+    http_filters = ([_wasm_filter(p, config, note)] if p.module else []) + [_router()]
     chain = {
         note("""\
             Plain HTTP from the mesh. To require mTLS from clients, add a transport_socket here:
@@ -396,7 +401,7 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
                     validation_context: {trusted_ca: {filename: /etc/envoy/tls/ca.crt}}
             Whoever can reach this listener can use the gateway's OpenAI identity (for the
             header source: any identity they hold a token for), so restrict who can reach it."""): None,
-        "filters": [_hcm("openai_egress", route_config, [_wasm_filter(p, config, note), _router()], p.access_log)],
+        "filters": [_hcm("openai_egress", route_config, http_filters, p.access_log)],
     }
     return {"name": GATEWAY_LISTENER, "address": _socket(p.listen_address, p.listen_port), "filter_chains": [chain]}
 

