@@ -1,0 +1,336 @@
+"""The Envoy configuration template (tools/envoy_config.py) and the files it generates under envoy/.
+
+Fast tests of the rendered structure, then a real Envoy running the local profile (without the
+filter: routing alone; with the filter: each identity source's cluster reaches its stand-in).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.harness import Stack
+from tools import envoy_config
+from tools.envoy_config import API_CLUSTER, AUTH_CLUSTER, EXAMPLES, FILTER_NAME, SOURCE_CLUSTER, SOURCES, build
+
+LOCAL_PORTS = {"openai_port": 18001, "gcp_metadata_port": 18002, "azure_imds_port": 18003,
+               "spiffe_socket": "/tmp/test.sock", "token_dir": "/tmp/tokens", "module": "/tmp/openai_wif.wasm"}
+
+
+def example(filename: str) -> dict:
+    return yaml.safe_load((envoy_config.ENVOY_DIR / filename).read_text())
+
+
+def clusters(bootstrap: dict) -> dict:
+    return {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+
+
+def listeners(bootstrap: dict) -> dict:
+    return {listener["name"]: listener for listener in bootstrap["static_resources"]["listeners"]}
+
+
+def gateway_hcm(bootstrap: dict) -> dict:
+    listener = listeners(bootstrap)[envoy_config.GATEWAY_LISTENER]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def virtual_hosts(bootstrap: dict) -> dict:
+    return {vh["name"]: vh for vh in gateway_hcm(bootstrap)["route_config"]["virtual_hosts"]}
+
+
+def wasm(bootstrap: dict) -> dict:
+    (found,) = [f for f in gateway_hcm(bootstrap)["http_filters"] if f["name"] == FILTER_NAME]
+    return found["typed_config"]["config"]
+
+
+def filter_json(bootstrap: dict) -> dict:
+    return json.loads(wasm(bootstrap)["configuration"]["value"])
+
+
+ALL_EXAMPLES = sorted(EXAMPLES)
+
+
+# Production examples
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_openai_clusters_verify_tls_against_the_system_cas_and_the_host_name(filename):
+    found = clusters(example(filename))
+    for name, host in ((API_CLUSTER, "api.openai.com"), (AUTH_CLUSTER, "auth.openai.com")):
+        cluster = found[name]
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert address["socket_address"] == {"address": host, "port_value": 443}
+        assert cluster["type"] == "LOGICAL_DNS"
+        socket = cluster["transport_socket"]
+        assert socket["name"] == "envoy.transport_sockets.tls"
+        tls = socket["typed_config"]
+        assert tls["@type"].endswith("UpstreamTlsContext")
+        assert tls["sni"] == host
+        validation = tls["common_tls_context"]["validation_context"]
+        assert validation["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+        assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": host}}]
+        assert "trust_chain_verification" not in validation  # ACCEPT_UNTRUSTED would switch checks off
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_nothing_weakens_tls(filename):
+    text = (envoy_config.ENVOY_DIR / filename).read_text().lower()
+    for weakness in ("insecure", "accept_untrusted", "allow_expired_certificate", "verify_certificate_spki: []"):
+        assert weakness not in text
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_only_the_openai_hosts_are_forwarded_and_everything_else_gets_403_without_the_filter(filename):
+    bootstrap = example(filename)
+    hosts = virtual_hosts(bootstrap)
+    assert list(hosts) == ["openai_api", "deny"]  # no test-only virtual host ships
+    assert set(hosts["openai_api"]["domains"]) == {"api.openai.com", "api.openai.com:*",
+                                                  "openai-egress.internal", "openai-egress.internal:*"}
+    (api_route,) = hosts["openai_api"]["routes"]
+    assert api_route["route"]["cluster"] == API_CLUSTER
+    assert api_route["route"]["host_rewrite_literal"] == "api.openai.com"
+    assert hosts["deny"]["domains"] == ["*"]
+    (deny_route,) = hosts["deny"]["routes"]
+    assert deny_route["direct_response"]["status"] == 403
+    assert json.loads(deny_route["direct_response"]["body"]["inline_string"])["error"]["code"] == "host_not_allowed"
+    disabled = deny_route["typed_per_filter_config"][FILTER_NAME]
+    assert disabled == {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_filter_fails_closed_and_runs_before_the_router(filename):
+    bootstrap = example(filename)
+    names = [f["name"] for f in gateway_hcm(bootstrap)["http_filters"]]
+    assert names == [FILTER_NAME, "envoy.filters.http.router"]
+    config = wasm(bootstrap)
+    assert config["failure_policy"] == "FAIL_CLOSED"
+    assert "fail_open" not in config
+    assert config["vm_config"]["code"]["local"]["filename"] == "/etc/envoy/openai_wif.wasm"
+    assert config["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_filter_configuration_uses_placeholders_and_existing_clusters(filename):
+    bootstrap = example(filename)
+    config = filter_json(bootstrap)
+    assert config["identity_provider_id"] == "wip_REPLACE_ME"
+    assert config["service_account_id"] == "sa_REPLACE_ME"
+    assert config["subject_token"]["source"] == EXAMPLES[filename]["source"]
+    assert config["hosts"] == ["api.openai.com", "openai-egress.internal"]
+    names = clusters(bootstrap)
+    assert config["token_endpoint"]["cluster"] in names
+    if "cluster" in config["subject_token"]:
+        assert config["subject_token"]["cluster"] in names
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_each_example_carries_only_the_identity_cluster_its_source_needs(filename):
+    source = EXAMPLES[filename]["source"]
+    names = set(clusters(example(filename)))
+    if filename == "egress-gateway.yaml":
+        expected = set(SOURCE_CLUSTER.values())
+    else:
+        expected = {SOURCE_CLUSTER[source]} if source in SOURCE_CLUSTER else set()
+    assert names == {API_CLUSTER, AUTH_CLUSTER} | expected
+    token_listener = envoy_config.TOKEN_LISTENER in listeners(example(filename))
+    assert token_listener == ("wif_token_file" in expected)
+
+
+def test_projected_token_is_served_by_an_internal_listener_that_follows_rotation():
+    bootstrap = example("kubernetes.yaml")
+    listener = listeners(bootstrap)[envoy_config.TOKEN_LISTENER]
+    assert listener["internal_listener"] == {} and "address" not in listener
+    route = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+    assert route["match"] == {"path": "/token"}
+    assert route["direct_response"]["body"] == {"filename": "/var/run/secrets/tokens/token",
+                                                 "watched_directory": {"path": "/var/run/secrets/tokens"}}
+    cluster = clusters(bootstrap)["wif_token_file"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"envoy_internal_address": {"server_listener_name": envoy_config.TOKEN_LISTENER}}
+    assert [e["name"] for e in bootstrap["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
+
+
+def test_spiffe_cluster_is_http2_over_the_agent_socket():
+    cluster = clusters(example("spiffe.yaml"))["spiffe_workload_api"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"] == {"pipe": {"path": "/run/spire/agent.sock"}}
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+
+
+def test_admin_listens_on_loopback_only():
+    for filename in ALL_EXAMPLES:
+        assert example(filename)["admin"]["address"]["socket_address"] == {"address": "127.0.0.1",
+                                                                           "port_value": 9901}
+
+
+# The template
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_local_and_production_share_the_filter_chain_and_routes(source):
+    production = build("production", source)
+    local = build("local", source, filter_config=envoy_config.filter_config(source), **LOCAL_PORTS)
+
+    def normalised(bootstrap):
+        hcm = json.loads(json.dumps(gateway_hcm(bootstrap)))
+        code = hcm["http_filters"][0]["typed_config"]["config"]["vm_config"]["code"]["local"]
+        code["filename"] = "<module>"
+        hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"] = "<config>"
+        hosts = hcm["route_config"]["virtual_hosts"]
+        hcm["route_config"]["virtual_hosts"] = [vh for vh in hosts if vh["name"] != "echo"]
+        for vh in hcm["route_config"]["virtual_hosts"]:
+            vh["domains"] = "<domains>"
+        return hcm
+
+    assert normalised(local) == normalised(production)
+    assert set(clusters(local)) == set(clusters(production))
+
+
+def test_local_profile_differs_only_in_parameters():
+    local = build("local", "kubernetes", filter_config={"x": 1}, **LOCAL_PORTS)
+    for name in (API_CLUSTER, AUTH_CLUSTER):
+        cluster = clusters(local)[name]
+        assert "transport_socket" not in cluster
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert address["socket_address"] == {"address": "127.0.0.1", "port_value": 18001}
+    assert listeners(local)[envoy_config.GATEWAY_LISTENER]["address"]["socket_address"] == {
+        "address": "127.0.0.1", "port_value": 0}
+    assert local["admin"]["address"]["socket_address"]["port_value"] == 0
+    assert json.loads(wasm(local)["configuration"]["value"]) == {"x": 1}
+    assert wasm(local)["vm_config"]["code"]["local"]["filename"] == "/tmp/openai_wif.wasm"
+    hosts = virtual_hosts(local)
+    assert list(hosts) == ["openai_api", "echo", "deny"]
+    assert {"localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*"} <= set(hosts["openai_api"]["domains"])
+    assert "typed_per_filter_config" not in hosts["echo"]["routes"][0]  # the filter runs there
+
+
+def test_rendered_comments_do_not_change_the_configuration():
+    for profile in envoy_config.PROFILES:
+        for source in SOURCES:
+            kwargs = LOCAL_PORTS if profile == "local" else {}
+            text = envoy_config.render(profile, source, header="a header", **kwargs)
+            assert text.startswith("# a header\n")
+            assert "__note_" not in text
+            assert yaml.safe_load(text) == build(profile, source, **kwargs)
+
+
+def test_unknown_parameters_are_refused():
+    with pytest.raises(TypeError, match="no_such_parameter"):
+        build("production", "header", no_such_parameter=1)
+    with pytest.raises(ValueError, match="unknown profile"):
+        build("staging", "header")
+    with pytest.raises(ValueError, match="unknown subject token source"):
+        build("production", "file")
+    with pytest.raises(ValueError, match="unknown identity clusters"):
+        build("production", "header", identity_clusters=["vault"])
+
+
+def test_gateway_without_module_has_no_filter():
+    bootstrap = build("local", "header", **{**LOCAL_PORTS, "module": None})
+    assert [f["name"] for f in gateway_hcm(bootstrap)["http_filters"]] == ["envoy.filters.http.router"]
+    assert "typed_per_filter_config" not in json.dumps(bootstrap)
+
+
+# --check and --write
+
+
+def test_checked_in_files_match_their_rendering():
+    out = io.StringIO()
+    assert envoy_config.check(out=out), out.getvalue()
+
+
+def test_check_catches_drift_missing_and_stray_files(tmp_path):
+    envoy_config.write(tmp_path)
+    assert envoy_config.check(tmp_path, out=io.StringIO())
+    for filename in ALL_EXAMPLES:
+        text = (tmp_path / filename).read_text()
+        assert text.startswith("# Generated by tools/envoy_config.py; do not edit by hand.\n")
+
+    edited = tmp_path / "header.yaml"
+    edited.write_text(edited.read_text().replace("port_value: 10000", "port_value: 10001"))
+    out = io.StringIO()
+    assert not envoy_config.check(tmp_path, out=out)
+    assert "header.yaml" in out.getvalue() and "10001" in out.getvalue()
+
+    envoy_config.write(tmp_path)
+    assert envoy_config.check(tmp_path, out=io.StringIO())
+    (tmp_path / "azure.yaml").unlink()
+    assert not envoy_config.check(tmp_path, out=io.StringIO())
+
+    envoy_config.write(tmp_path)
+    (tmp_path / "hand-written.yaml").write_text("admin: {}\n")
+    assert not envoy_config.check(tmp_path, out=io.StringIO())
+
+
+def test_check_command_exit_status(tmp_path):
+    command = [sys.executable, "-m", "tools.envoy_config", "--dir", str(tmp_path)]
+    cwd = envoy_config.REPO
+    assert subprocess.run(command + ["--write"], cwd=cwd, capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run(command + ["--check"], cwd=cwd, capture_output=True, timeout=60).returncode == 0
+    (tmp_path / "spiffe.yaml").write_text("# edited\n")
+    result = subprocess.run(command + ["--check"], cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "spiffe.yaml" in result.stdout
+
+
+# A real Envoy
+
+
+def test_local_gateway_routes_in_a_real_envoy_without_the_filter(tmp_path, standins):
+    with Stack("kubernetes", tmp_path, standins=standins, with_filter=False) as stack:
+        # The OpenAI host, by name or by the gateway's own address, reaches the API stand-in
+        # (which refuses it: without the filter nobody adds a token).
+        for host in ("api.openai.com", f"localhost:{stack.envoy.port}", "openai-egress.internal"):
+            response = stack.request("GET", "/v1/models", host=host)
+            assert response.status == 401, (host, response)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert stack.openai.api_requests[-1][2]["host"] == "api.openai.com"  # host rewritten
+
+        denied = stack.request("GET", "/v1/models", host="example.com")
+        assert denied.status == 403
+        assert denied.header("content-type") == "application/json"
+        assert denied.json()["error"]["code"] == "host_not_allowed"
+
+        echoed = stack.request("GET", "/anything?x=1", host="other.example", headers={"Authorization": "Bearer k"})
+        assert echoed.status == 200
+        assert echoed.json()["path"] == "/echo/anything?x=1"
+        assert echoed.json()["headers"]["authorization"] == "Bearer k"
+
+        responses = stack.burst(50, "GET", "/v1/models")
+        assert [r.status for r in responses] == [401] * 50
+
+
+# With the filter: every identity source's cluster reaches its stand-in (needs `make build`).
+
+EXPECTED_ACCOUNT = {"header": "sa_header", "kubernetes": "sa_k8s", "gcp_metadata": "sa_gcp",
+                    "azure_imds": "sa_azure", "spiffe": "sa_spiffe"}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_each_source_obtains_a_token_through_its_cluster(source, make_stack, standins):
+    stack = make_stack(source)
+    headers = {"Authorization": "Bearer placeholder-not-a-secret"}
+    if source == "header":
+        headers[envoy_config.SUBJECT_HEADER] = standins.subject_token("system:serviceaccount:default:wiring")
+    response = stack.request("POST", "/v1/chat/completions", host=f"localhost:{stack.envoy.port}", headers=headers,
+                             body={"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status == 200, (response, stack.envoy.log_tail())
+    assert response.header("x-standin-service-account") == EXPECTED_ACCOUNT[source]
+    assert standins.openai.exchanges == 1
+    path, authorization, seen = standins.openai.api_requests[-1]
+    assert authorization.startswith("Bearer oaiwif_")
+    assert envoy_config.SUBJECT_HEADER not in seen
+
+    untouched = stack.request("GET", "/x", host="other.example", headers=headers)
+    assert untouched.status == 200
+    assert untouched.json()["headers"]["authorization"] == "Bearer placeholder-not-a-secret"
+    assert standins.openai.exchanges == 1
+
+    denied = stack.request("GET", "/v1/models", host="example.com", headers=headers)
+    assert denied.status == 403
+    assert standins.openai.exchanges == 1
