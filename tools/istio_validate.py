@@ -1,0 +1,1098 @@
+"""Offline validation of the Istio manifests in istio/.
+
+    python -m tools.istio_validate [--crds PATH] [--envoy PATH] [PATHS...]
+
+Three checks, one output line per document or finding:
+
+1. Schema: every Istio resource is validated against the CustomResourceDefinition Istio ships
+   (`<repo>/../shared/istio/crd-all.gen.yaml` by default), the way the Kubernetes API server
+   does it: structural-schema semantics with jsonschema (unknown fields rejected unless
+   `x-kubernetes-preserve-unknown-fields`, types, enums, patterns, formats, oneOf/anyOf,
+   int-or-string, list-type set/map uniqueness), metadata as ObjectMeta, and the CEL rules in
+   `x-kubernetes-validations` evaluated with cel-python plus the Kubernetes CEL library
+   (tools/kube_cel.py). A rule that cannot be evaluated fails the document. Other kinds
+   (Deployment patches) are checked for well-formedness only and reported as such. Without the
+   CRD file the schema check is reported as skipped.
+2. Cross-checks between documents: each cluster named in a WasmPlugin's pluginConfig exists
+   (an Istio `outbound|port||host` cluster with its ServiceEntry and, for TLS ports, a SIMPLE
+   DestinationRule; or a cluster an EnvoyFilter adds, with the listener, volume or socket it
+   needs), gateways named by VirtualServices exist, WasmPlugin and AuthorizationPolicy selectors
+   select the egress gateway, OCI plugins are pinned by digest and fail closed.
+3. Envoy: the listeners and clusters that EnvoyFilters add are loaded by a real Envoy in
+   `--mode validate` (when an envoy binary is available), since the CRD does not check them.
+
+Exit status 0 only if nothing failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import celpy
+import jsonschema
+import re2
+import yaml
+from celpy import celtypes
+from jsonschema.exceptions import ValidationError
+
+from tools import kube_cel
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_ISTIO = REPO.parent / "shared" / "istio"
+DEFAULT_CRDS = SHARED_ISTIO / "crd-all.gen.yaml"
+ISTIO_DIR = REPO / "istio"
+ROOT_NAMESPACE = "istio-system"  # Istio's default root configuration namespace
+PLUGIN_SOURCES = {"header", "kubernetes", "gcp_metadata", "azure_imds", "spiffe"}
+
+
+# --- YAML as kubectl reads it -----------------------------------------------------------------
+
+
+class _KubeYamlLoader(yaml.SafeLoader):
+    """YAML 1.1 like sigs.k8s.io/yaml: duplicate keys are errors, timestamps stay strings."""
+
+
+_KubeYamlLoader.yaml_implicit_resolvers = {
+    key: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.copy().items()
+}
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_KubeYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _scan_plain(self):
+    """go-yaml ends a plain scalar at ':' only when a blank follows, also in flow context, so
+    `[001:db8::]` is a list of one string; PyYAML would read a mapping. While PyYAML scans a
+    plain scalar in flow context, its look-ahead after a ':' is shown a neutral character
+    instead of a flow indicator (the next ordinary peek still sees the real one)."""
+    self._plain_scan = True
+    try:
+        return yaml.SafeLoader.scan_plain(self)
+    finally:
+        self._plain_scan = False
+        self._last_peek = None
+
+
+def _peek(self, index=0):
+    ch = yaml.SafeLoader.peek(self, index)
+    if getattr(self, "_plain_scan", False) and self.flow_level:
+        last = getattr(self, "_last_peek", None)
+        self._last_peek = (self.pointer, index, ch)
+        if last == (self.pointer, index - 1, ":") and ch in ",[]{}":
+            return "a"
+    return ch
+
+
+_KubeYamlLoader.scan_plain = _scan_plain
+_KubeYamlLoader.peek = _peek
+
+
+@dataclass
+class Document:
+    source: str  # file path as given
+    index: int  # position among the file's YAML documents
+    obj: Any = None
+    parse_error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}#{self.index}"
+
+    @property
+    def kind(self) -> str:
+        return self.obj.get("kind", "?") if isinstance(self.obj, dict) else "?"
+
+    @property
+    def namespace(self) -> str:
+        meta = self.obj.get("metadata") if isinstance(self.obj, dict) else None
+        return (meta or {}).get("namespace") or "default"
+
+    @property
+    def name(self) -> str:
+        meta = self.obj.get("metadata") if isinstance(self.obj, dict) else None
+        return str((meta or {}).get("name", "?"))
+
+    @property
+    def spec(self) -> dict:
+        spec = self.obj.get("spec") if isinstance(self.obj, dict) else None
+        return spec if isinstance(spec, dict) else {}
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def load_documents(path: Path) -> list[Document]:
+    """The non-empty YAML documents of one file (a parse error yields one failing document)."""
+    text = path.read_text(encoding="utf-8")
+    docs = []
+    try:
+        for index, obj in enumerate(yaml.load_all(text, Loader=_KubeYamlLoader)):
+            if obj is not None:
+                docs.append(Document(str(path), index, obj))
+    except yaml.YAMLError as exc:
+        docs.append(Document(str(path), len(docs), parse_error=f"invalid YAML: {exc}"))
+    return docs
+
+
+def collect_documents(paths: Iterable[Path]) -> list[Document]:
+    docs = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")) if path.is_dir() else [path]
+        for file in files:
+            docs.extend(load_documents(file))
+    return docs
+
+
+# --- Kubernetes-style messages ------------------------------------------------------------------
+
+PATH = "\x00path\x00"  # replaced by the field path when the error is reported
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _show(value) -> str:
+    if isinstance(value, (dict, list)):
+        return f'"{_json_type(value)}"'
+    return json.dumps(value)
+
+
+def _field_path(parts) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<root>"
+
+
+def _invalid(value, detail: str) -> ValidationError:
+    return ValidationError(f"{PATH}: Invalid value: {_show(value)}: {PATH} in body {detail}")
+
+
+# --- structural schema keywords -----------------------------------------------------------------
+
+_TYPES = jsonschema.Draft4Validator.TYPE_CHECKER
+
+
+def _kw_type(validator, expected, instance, schema):
+    if instance is None and schema.get("nullable"):
+        return
+    if not validator.is_type(instance, expected):
+        yield _invalid(instance, f'must be of type {expected}: "{_json_type(instance)}"')
+
+
+def _kw_properties(validator, properties, instance, schema):
+    if isinstance(instance, dict):
+        for name, subschema in properties.items():
+            if name in instance:
+                yield from validator.descend(instance[name], subschema, path=name, schema_path=name)
+
+
+def _kw_additional_properties(validator, additional, instance, schema):
+    if not isinstance(instance, dict):
+        return
+    extras = [k for k in instance if k not in schema.get("properties", {})]
+    if additional is False:
+        for name in extras:
+            yield ValidationError(f'unknown field "{PATH}"', path=[name])
+    elif isinstance(additional, dict):
+        for name in extras:
+            yield from validator.descend(instance[name], additional, path=name)
+
+
+def _kw_items(validator, items, instance, schema):
+    if isinstance(instance, list):
+        for index, item in enumerate(instance):
+            yield from validator.descend(item, items, path=index)
+
+
+def _kw_required(validator, required, instance, schema):
+    if isinstance(instance, dict):
+        for name in required:
+            if name not in instance:
+                yield ValidationError(f"{PATH}: Required value", path=[name])
+
+
+def _kw_enum(validator, enum, instance, schema):
+    if instance not in enum or (isinstance(instance, bool) and not any(v is instance for v in enum)):
+        supported = ", ".join(json.dumps(v) for v in enum)
+        yield ValidationError(f"{PATH}: Unsupported value: {json.dumps(instance)}: supported values: {supported}")
+
+
+def _kw_min_length(validator, limit, instance, schema):
+    if isinstance(instance, str) and len(instance) < limit:
+        yield _invalid(instance, f"should be at least {limit} chars long")
+
+
+def _kw_max_length(validator, limit, instance, schema):
+    if isinstance(instance, str) and len(instance) > limit:
+        yield _invalid(instance, f"may not be longer than {limit}")
+
+
+def _kw_pattern(validator, pattern, instance, schema):
+    if isinstance(instance, str) and not re2.search(pattern, instance):
+        yield _invalid(instance, f"should match '{pattern}'")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kw_minimum(validator, limit, instance, schema):
+    if _is_number(instance):
+        if schema.get("exclusiveMinimum") and instance <= limit:
+            yield _invalid(instance, f"should be greater than {limit}")
+        elif instance < limit:
+            yield _invalid(instance, f"should be greater than or equal to {limit}")
+
+
+def _kw_maximum(validator, limit, instance, schema):
+    if _is_number(instance):
+        if schema.get("exclusiveMaximum") and instance >= limit:
+            yield _invalid(instance, f"should be less than {limit}")
+        elif instance > limit:
+            yield _invalid(instance, f"should be less than or equal to {limit}")
+
+
+def _kw_min_items(validator, limit, instance, schema):
+    if isinstance(instance, list) and len(instance) < limit:
+        yield _invalid(instance, f"should have at least {limit} items")
+
+
+def _kw_max_items(validator, limit, instance, schema):
+    if isinstance(instance, list) and len(instance) > limit:
+        yield ValidationError(f"{PATH}: Too many: {len(instance)}: must have at most {limit} items")
+
+
+def _kw_min_properties(validator, limit, instance, schema):
+    if isinstance(instance, dict) and len(instance) < limit:
+        yield _invalid(len(instance), f"should have at least {limit} properties")
+
+
+def _kw_max_properties(validator, limit, instance, schema):
+    if isinstance(instance, dict) and len(instance) > limit:
+        yield _invalid(len(instance), f"should have at most {limit} properties")
+
+
+def _valid_branches(validator, branches, instance) -> int:
+    return sum(1 for branch in branches if not any(True for _ in validator.descend(instance, branch)))
+
+
+def _kw_one_of(validator, branches, instance, schema):
+    valid = _valid_branches(validator, branches, instance)
+    if valid != 1:
+        yield ValidationError(
+            f"{PATH} in body must validate one and only one schema (oneOf). Found {valid} valid alternatives")
+
+
+def _kw_any_of(validator, branches, instance, schema):
+    if _valid_branches(validator, branches, instance) == 0:
+        yield ValidationError(f"{PATH} in body must validate at least one schema (anyOf)")
+
+
+def _kw_all_of(validator, branches, instance, schema):
+    for index, branch in enumerate(branches):
+        yield from validator.descend(instance, branch, schema_path=index)
+
+
+def _kw_not(validator, branch, instance, schema):
+    if _valid_branches(validator, [branch], instance) == 1:
+        yield ValidationError(f"{PATH} in body should not validate the given schema (not)")
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _kw_format(validator, fmt, instance, schema):
+    """The formats that constrain values in these schemas (others are descriptive only)."""
+    if fmt == "int32" and isinstance(instance, int) and not isinstance(instance, bool):
+        if not -(2 ** 31) <= instance < 2 ** 31:
+            yield _invalid(instance, "should fit in int32")
+    elif fmt == "int64" and isinstance(instance, int) and not isinstance(instance, bool):
+        if not -(2 ** 63) <= instance < 2 ** 63:
+            yield _invalid(instance, "should fit in int64")
+    elif fmt == "byte" and isinstance(instance, str):
+        try:
+            base64.b64decode(instance, validate=True)
+        except ValueError:
+            yield _invalid(instance, 'must be of type byte: "base64"')
+    elif fmt == "date-time" and isinstance(instance, str) and not _RFC3339.match(instance):
+        yield _invalid(instance, f"must be of type date-time: {json.dumps(instance)}")
+
+
+def _kw_int_or_string(validator, enabled, instance, schema):
+    if enabled and instance is not None and (isinstance(instance, bool) or not isinstance(instance, (int, str))):
+        yield _invalid(instance, f'must be of type int-or-string: "{_json_type(instance)}"')
+
+
+def _kw_list_type(validator, list_type, instance, schema):
+    if not isinstance(instance, list):
+        return
+    seen: list = []
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    for index, item in enumerate(instance):
+        if list_type == "set":
+            identity = item
+        elif list_type == "map" and isinstance(item, dict):
+            identity = {k: item[k] for k in keys if k in item}
+        else:
+            continue
+        if identity in seen:
+            yield ValidationError(f"{PATH}: Duplicate value: {json.dumps(identity)}", path=[index])
+        seen.append(identity)
+
+
+# --- CEL rules ----------------------------------------------------------------------------------
+
+_CEL_ENV = celpy.Environment()
+_CEL_RULES: dict[str, tuple[Any, str | None]] = {}  # rule -> (program, reason it cannot run)
+
+
+def _compile_rule(rule: str):
+    if rule not in _CEL_RULES:
+        try:
+            ast = _CEL_ENV.compile(rule)
+        except Exception as exc:  # cel-python raises CELParseError and lark errors
+            _CEL_RULES[rule] = (None, f"does not compile: {exc}")
+        else:
+            missing = kube_cel.function_names(ast) - kube_cel.SUPPORTED
+            if kube_cel.uses_old_self(ast):
+                _CEL_RULES[rule] = (None, "transition rule (oldSelf)")
+            elif missing:
+                _CEL_RULES[rule] = (None, f"calls functions this validator lacks: {', '.join(sorted(missing))}")
+            else:
+                _CEL_RULES[rule] = (_CEL_ENV.program(ast, functions=kube_cel.FUNCTIONS), None)
+    return _CEL_RULES[rule]
+
+
+def to_cel(value, schema: dict):
+    """A value as Kubernetes presents it to CEL: typed by its schema (numbers are doubles...)."""
+    kind = schema.get("type")
+    if value is None or schema.get("x-kubernetes-int-or-string"):
+        return celpy.json_to_cel(value)
+    if kind == "object" and isinstance(value, dict):
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else {}
+        return celtypes.MapType({
+            celtypes.StringType(k): to_cel(v, props.get(k, {}) if props is not None else extra)
+            for k, v in value.items()})
+    if kind == "array" and isinstance(value, list):
+        return celtypes.ListType([to_cel(v, schema.get("items", {})) for v in value])
+    if kind == "number" and _is_number(value):
+        return celtypes.DoubleType(value)
+    return celpy.json_to_cel(value)
+
+
+def _kw_cel_rules(validator, rules, instance, schema):
+    if instance is None:
+        return
+    activation = {"self": to_cel(instance, schema)}
+    shown_type = schema.get("type", "")
+    for rule in rules:
+        text = rule["rule"]
+        program, reason = _compile_rule(text)
+        where = PATH + rule.get("fieldPath", "")
+        if reason == "transition rule (oldSelf)":
+            continue  # Kubernetes runs transition rules on updates only; this is a create.
+        if program is None:
+            yield ValidationError(f"{where}: rule not evaluated ({reason}): {text}", validator="cel-unevaluated")
+            continue
+        message = rule.get("message") or f"failed rule: {' '.join(text.split())}"
+        try:
+            result = program.evaluate(activation)
+        except celpy.CELEvalError as exc:
+            cause = exc.args[0] if exc.args else exc
+            yield ValidationError(f'{where}: Invalid value: "{shown_type}": {cause} evaluating rule: {message}')
+            continue
+        if result is not True and not (isinstance(result, celtypes.BoolType) and bool(result)):
+            yield ValidationError(f'{where}: Invalid value: "{shown_type}": {message}')
+
+
+_KEYWORDS = {
+    "type": _kw_type,
+    "properties": _kw_properties,
+    "additionalProperties": _kw_additional_properties,
+    "items": _kw_items,
+    "required": _kw_required,
+    "enum": _kw_enum,
+    "minLength": _kw_min_length,
+    "maxLength": _kw_max_length,
+    "pattern": _kw_pattern,
+    "minimum": _kw_minimum,
+    "maximum": _kw_maximum,
+    "minItems": _kw_min_items,
+    "maxItems": _kw_max_items,
+    "minProperties": _kw_min_properties,
+    "maxProperties": _kw_max_properties,
+    "oneOf": _kw_one_of,
+    "anyOf": _kw_any_of,
+    "allOf": _kw_all_of,
+    "not": _kw_not,
+    "format": _kw_format,
+    "x-kubernetes-int-or-string": _kw_int_or_string,
+    "x-kubernetes-list-type": _kw_list_type,
+    "x-kubernetes-validations": _kw_cel_rules,
+}
+
+StructuralValidator = jsonschema.validators.create(
+    meta_schema=jsonschema.Draft4Validator.META_SCHEMA,
+    validators=_KEYWORDS,
+    type_checker=_TYPES,
+)
+
+
+def structural(schema: dict) -> dict:
+    """The schema with structural pruning made explicit: objects reject fields they do not
+    declare unless they preserve unknown fields; the root also holds apiVersion, kind, metadata."""
+    schema = copy.deepcopy(schema)
+
+    def close(node):
+        if isinstance(node, dict):
+            if (node.get("type") == "object" and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for key, value in node.items():
+                if key in ("properties",):
+                    for sub in value.values():
+                        close(sub)
+                elif key in ("items", "additionalProperties", "not"):
+                    close(value)
+                elif key in ("oneOf", "anyOf", "allOf"):
+                    for sub in value:
+                        close(sub)
+
+    close(schema)
+    schema.setdefault("properties", {}).update({
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+    })
+    return schema
+
+
+# --- metadata (ObjectMeta) ----------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations", "uid", "resourceVersion",
+                "generation", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                "finalizers", "ownerReferences", "managedFields", "selfLink"}
+
+
+def _qualified_name_errors(where: str, key) -> list[str]:
+    if not isinstance(key, str):
+        return [f"{where}: key {key!r} must be a string"]
+    prefix, slash, name = key.rpartition("/")
+    errors = []
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        errors.append(f"{where}: Invalid value: {key!r}: prefix part must be a DNS-1123 subdomain")
+    if len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        errors.append(f"{where}: Invalid value: {key!r}: name part must consist of alphanumeric characters, "
+                      "'-', '_' or '.', start and end with one, at most 63 characters")
+    return errors
+
+
+def metadata_errors(obj: dict) -> list[str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return ["metadata: Required value: must be a mapping with a name"]
+    errors = [f'unknown field "metadata.{k}"' for k in meta if k not in _OBJECT_META]
+    name = meta.get("name")
+    if name is None and not meta.get("generateName"):
+        errors.append("metadata.name: Required value")
+    elif name is not None and (not isinstance(name, str) or len(name) > 253 or not _DNS_SUBDOMAIN.match(name)):
+        errors.append(f"metadata.name: Invalid value: {name!r}: a lowercase RFC 1123 subdomain must consist of "
+                      "lower case alphanumeric characters, '-' or '.'")
+    namespace = meta.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or len(namespace) > 63
+                                  or not _DNS_LABEL.match(namespace)):
+        errors.append(f"metadata.namespace: Invalid value: {namespace!r}: must be a DNS-1123 label")
+    for section in ("labels", "annotations"):
+        values = meta.get(section)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"metadata.{section}: must be a map of strings")
+            continue
+        for key, value in values.items():
+            where = f"metadata.{section}"
+            errors += _qualified_name_errors(where, key)
+            if not isinstance(value, str):
+                errors.append(f"{where}[{key}]: Invalid value: {value!r}: must be a string")
+            elif section == "labels" and (len(value) > 63 or not _LABEL_VALUE.match(value)):
+                errors.append(f"{where}[{key}]: Invalid value: {value!r}: must be a valid label value")
+    return errors
+
+
+# --- the CRD catalog ----------------------------------------------------------------------------
+
+
+class CrdCatalog:
+    """Istio's CRDs by (group, version, kind), with a structural validator per version."""
+
+    def __init__(self, crd_file: Path):
+        self.source = crd_file
+        self._versions: dict[tuple[str, str, str], dict] = {}
+        self._validators: dict[tuple[str, str, str], Any] = {}
+        for crd in yaml.load_all(crd_file.read_text(encoding="utf-8"), Loader=_KubeYamlLoader):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                self._versions[(group, version["name"], kind)] = version
+
+    @property
+    def groups(self) -> set[str]:
+        return {group for group, _, _ in self._versions}
+
+    def kinds(self) -> set[tuple[str, str, str]]:
+        return set(self._versions)
+
+    def validator(self, group: str, version: str, kind: str):
+        key = (group, version, kind)
+        if key not in self._validators:
+            schema = structural(self._versions[key]["schema"]["openAPIV3Schema"])
+            self._validators[key] = StructuralValidator(schema)
+        return self._validators[key]
+
+    def check(self, obj: dict) -> tuple[list[str], list[str]]:
+        """(errors, unevaluated rules) for one object; errors include unevaluated rules."""
+        group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
+        key = (group, version, obj.get("kind"))
+        if key not in self._versions:
+            known = sorted(f"{g}/{v}" for g, v, k in self._versions if k == obj.get("kind"))
+            hint = f" (this CRD file serves {', '.join(known)})" if known else ""
+            return [f"no CustomResourceDefinition for {obj.get('apiVersion')} {obj.get('kind')}{hint}"], []
+        if not self._versions[key].get("served", False):
+            return [f"{obj.get('apiVersion')} {obj.get('kind')} is not served"], []
+        errors, unevaluated = [], []
+        for error in self.validator(*key).iter_errors(obj):
+            message = error.message.replace(PATH, _field_path(error.absolute_path))
+            errors.append(message)
+            if error.validator == "cel-unevaluated":
+                unevaluated.append(message)
+        return errors + metadata_errors(obj), unevaluated
+
+
+def istio_api(obj: dict) -> bool:
+    return str(obj.get("apiVersion", "")).split("/")[0].endswith(".istio.io")
+
+
+# --- per-document results -----------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    doc: Document
+    status: str  # OK, FAIL, BASIC (well-formedness only), SKIP (schema unavailable)
+    messages: list[str] = field(default_factory=list)
+    unevaluated: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        d = self.doc
+        subject = f"{d.label} {d.kind} {d.namespace}/{d.name}" if d.obj is not None else d.label
+        detail = {
+            "OK": "valid against the CRD schema and its CEL rules",
+            "BASIC": "not an Istio kind: well-formedness only",
+            "SKIP": "schema check skipped: ../shared/istio not found",
+        }.get(self.status, "")
+        text = f"{self.status:5} {subject}: " + ("; ".join(self.messages) if self.messages else detail)
+        return text
+
+
+def _well_formed_errors(obj) -> list[str]:
+    if not isinstance(obj, dict):
+        return ["a Kubernetes object must be a mapping"]
+    errors = [f"{key}: Required value" for key in ("apiVersion", "kind")
+              if not isinstance(obj.get(key), str) or not obj.get(key)]
+    return errors + metadata_errors(obj)
+
+
+def validate_document(doc: Document, catalog: CrdCatalog | None) -> Result:
+    if doc.parse_error:
+        return Result(doc, "FAIL", [doc.parse_error])
+    basic = _well_formed_errors(doc.obj)
+    if not isinstance(doc.obj, dict) or not istio_api(doc.obj):
+        return Result(doc, "FAIL" if basic else "BASIC", basic)
+    if catalog is None:
+        return Result(doc, "FAIL" if basic else "SKIP", basic)
+    errors, unevaluated = catalog.check(doc.obj)
+    errors += [e for e in basic if e not in errors]
+    return Result(doc, "FAIL" if errors else "OK", errors, unevaluated)
+
+
+# --- cross-checks -------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    ok: bool
+    subject: str
+    message: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL':5} cross-check {self.subject}: {self.message}"
+
+
+def _labels(selector) -> dict:
+    if not isinstance(selector, dict):
+        return {}
+    labels = selector.get("matchLabels", selector.get("labels", selector))
+    return {k: v for k, v in labels.items() if isinstance(v, str)} if isinstance(labels, dict) else {}
+
+
+def _subset(small: dict, big: dict) -> bool:
+    return all(big.get(k) == v for k, v in small.items())
+
+
+def _visible(doc: Document, namespace: str) -> bool:
+    """Whether a ServiceEntry/DestinationRule/VirtualService is visible from a namespace."""
+    export = doc.spec.get("exportTo") or ["*"]
+    return "*" in export or namespace in export or ("." in export and doc.namespace == namespace)
+
+
+def _patch_context(patch: dict) -> str:
+    return (patch.get("match") or {}).get("context", "ANY")
+
+
+def _selects_workload(doc: Document, selector_key: str, labels: dict, namespace: str) -> bool:
+    """Whether a namespaced policy (EnvoyFilter, ...) applies to a workload with these labels."""
+    if doc.namespace not in (namespace, ROOT_NAMESPACE):
+        return False
+    return _subset(_labels(doc.spec.get(selector_key)), labels)
+
+
+class Manifests:
+    """The documents of istio/ indexed for the cross-checks."""
+
+    def __init__(self, docs: list[Document]):
+        self.docs = [d for d in docs if isinstance(d.obj, dict) and d.parse_error is None]
+        self.by_kind: dict[str, list[Document]] = defaultdict(list)
+        for doc in self.docs:
+            self.by_kind[doc.kind].append(doc)
+
+    def kind(self, kind: str) -> list[Document]:
+        return self.by_kind.get(kind, [])
+
+    def gateway_selectors(self) -> list[dict]:
+        return [_labels(g.spec.get("selector")) for g in self.kind("Gateway")]
+
+    def targets_gateway(self, doc: Document) -> bool:
+        labels = _labels(doc.spec.get("selector"))
+        return bool(labels) and any(_subset(labels, gw) for gw in self.gateway_selectors())
+
+    def added(self, apply_to: str) -> list[tuple[Document, dict]]:
+        """(EnvoyFilter, patch) for every object an EnvoyFilter ADDs."""
+        found = []
+        for ef in self.kind("EnvoyFilter"):
+            for patch in ef.spec.get("configPatches") or []:
+                if patch.get("applyTo") == apply_to and (patch.get("patch") or {}).get("operation") == "ADD":
+                    found.append((ef, patch))
+        return found
+
+    def pod_volumes(self) -> list[tuple[Document, dict, dict]]:
+        """(workload document, volume, mount) for volumes mounted into the istio-proxy container,
+        from Deployment patches or the sidecar.istio.io/userVolume annotations."""
+        found = []
+        for doc in self.kind("Deployment"):
+            pod = ((doc.obj.get("spec") or {}).get("template") or {})
+            pod_spec = pod.get("spec") or {}
+            volumes = {v.get("name"): v for v in pod_spec.get("volumes") or [] if isinstance(v, dict)}
+            for container in pod_spec.get("containers") or []:
+                if container.get("name") != "istio-proxy":
+                    continue
+                for mount in container.get("volumeMounts") or []:
+                    if mount.get("name") in volumes:
+                        found.append((doc, volumes[mount["name"]], mount))
+            annotations = (pod.get("metadata") or {}).get("annotations") or {}
+            try:
+                user_volumes = json.loads(annotations.get("sidecar.istio.io/userVolume", "{}"))
+                user_mounts = json.loads(annotations.get("sidecar.istio.io/userVolumeMount", "{}"))
+            except json.JSONDecodeError:
+                continue
+            for name, mount in user_mounts.items():
+                if name in user_volumes:
+                    found.append((doc, {"name": name, **user_volumes[name]}, {"name": name, **mount}))
+        return found
+
+
+def _pod_labels(manifests: Manifests, plugin: Document) -> dict:
+    return _labels(plugin.spec.get("selector"))
+
+
+def _tls_mode_for(dr: Document, port: int) -> dict | None:
+    policy = dr.spec.get("trafficPolicy") or {}
+    for setting in policy.get("portLevelSettings") or []:
+        if (setting.get("port") or {}).get("number") == port and setting.get("tls"):
+            return setting["tls"]
+    return policy.get("tls")
+
+
+def _check_outbound_cluster(m: Manifests, plugin: Document, cluster: str, port: int, subset: str,
+                            host: str) -> Finding:
+    subject = f"{plugin.ref} cluster {cluster}"
+    entries = [se for se in m.kind("ServiceEntry") if host in (se.spec.get("hosts") or [])
+               and any(p.get("number") == port for p in se.spec.get("ports") or [])]
+    visible = [se for se in entries if _visible(se, plugin.namespace)]
+    if not visible:
+        why = "not exported to" if entries else "declared for"
+        return Finding(False, subject, f"no ServiceEntry {why} namespace {plugin.namespace} with host {host} "
+                                       f"and port {port}: Istio would not generate this cluster")
+    se = visible[0]
+    protocol = next(p.get("protocol", "") for p in se.spec.get("ports") if p.get("number") == port)
+    rules = [dr for dr in m.kind("DestinationRule") if dr.spec.get("host") == host and _visible(dr, plugin.namespace)]
+    if subset and not any(s.get("name") == subset for dr in rules for s in dr.spec.get("subsets") or []):
+        return Finding(False, subject, f"no DestinationRule defines subset {subset} of {host}")
+    if port == 443 or protocol.upper() in ("HTTPS", "TLS"):
+        tls = [(dr, _tls_mode_for(dr, port)) for dr in rules]
+        simple = [(dr, t) for dr, t in tls if t and t.get("mode") == "SIMPLE"]
+        if not simple:
+            return Finding(False, subject, f"port {port} of {host} needs a DestinationRule with tls.mode SIMPLE "
+                                           f"(TLS origination); none found")
+        dr, settings = simple[0]
+        if settings.get("insecureSkipVerify"):
+            return Finding(False, subject, f"{dr.ref} sets insecureSkipVerify: the server certificate must be verified")
+        return Finding(True, subject, f"{se.ref} port {port}/{protocol} + {dr.ref} (SIMPLE TLS, sni "
+                                      f"{settings.get('sni', '<auto>')})")
+    return Finding(True, subject, f"{se.ref} port {port}/{protocol or 'TCP'}")
+
+
+def _endpoint_addresses(cluster: dict) -> list[dict]:
+    endpoints = ((cluster.get("load_assignment") or {}).get("endpoints")) or []
+    return [(lb.get("endpoint") or {}).get("address") or {}
+            for group in endpoints for lb in group.get("lb_endpoints") or []]
+
+
+def _direct_response_bodies(listener: dict) -> list[dict]:
+    bodies = []
+    for chain in listener.get("filter_chains") or []:
+        for flt in chain.get("filters") or []:
+            route_config = (flt.get("typed_config") or {}).get("route_config") or {}
+            for vhost in route_config.get("virtual_hosts") or []:
+                for route in vhost.get("routes") or []:
+                    body = (route.get("direct_response") or {}).get("body")
+                    if body:
+                        bodies.append(body)
+    return bodies
+
+
+def _check_token_file(m: Manifests, plugin: Document, cluster: dict) -> str | None:
+    """The kubernetes source: the cluster must reach a listener that serves a projected token
+    file from a watched directory, and that directory must be a projected token volume."""
+    listeners = {}
+    for _, patch in m.added("LISTENER"):
+        value = patch["patch"].get("value") or {}
+        listeners[value.get("name")] = value
+        address = (value.get("address") or {}).get("socket_address") or {}
+        if address:
+            listeners[(address.get("address"), address.get("port_value"))] = value
+    for address in _endpoint_addresses(cluster):
+        internal = (address.get("envoy_internal_address") or {}).get("server_listener_name")
+        socket = address.get("socket_address") or {}
+        listener = listeners.get(internal) if internal else listeners.get(
+            (socket.get("address"), socket.get("port_value")))
+        if listener is None:
+            return "no EnvoyFilter adds the listener this cluster points at"
+        for body in _direct_response_bodies(listener):
+            filename = body.get("filename", "")
+            watched = (body.get("watched_directory") or {}).get("path", "")
+            if not filename or os.path.dirname(filename) != watched.rstrip("/"):
+                return (f"listener {listener.get('name')} must serve the token with direct_response body "
+                        f"{{filename: <dir>/token, watched_directory: {{path: <dir>}}}} (got {body})")
+            for _, volume, mount in m.pod_volumes():
+                sources = (volume.get("projected") or {}).get("sources") or []
+                tokens = [s["serviceAccountToken"] for s in sources if isinstance(s, dict) and "serviceAccountToken" in s]
+                if mount.get("mountPath", "").rstrip("/") == watched.rstrip("/") and any(
+                        t.get("path") == os.path.basename(filename) and t.get("audience") for t in tokens):
+                    return None
+            return (f"no projected serviceAccountToken volume (with an audience) is mounted into istio-proxy "
+                    f"at {watched} with file {os.path.basename(filename)}")
+        return f"listener {listener.get('name')} serves no direct_response body"
+    return "cluster has no endpoint"
+
+
+def _check_spiffe_socket(m: Manifests, cluster: dict) -> str | None:
+    options = json.dumps(cluster.get("typed_extension_protocol_options") or {}) + json.dumps(
+        cluster.get("http2_protocol_options", None))
+    if "http2_protocol_options" not in options:
+        return "the Workload API is gRPC: the cluster needs http2_protocol_options"
+    for address in _endpoint_addresses(cluster):
+        socket = (address.get("pipe") or {}).get("path")
+        if not socket:
+            return "the Workload API cluster must point at the agent's unix socket (pipe address)"
+        for _, volume, mount in m.pod_volumes():
+            if (volume.get("csi") or {}).get("driver") == "csi.spiffe.io" and \
+                    os.path.dirname(socket) == mount.get("mountPath", "").rstrip("/"):
+                return None
+        return f"no SPIFFE CSI volume (driver csi.spiffe.io) is mounted into istio-proxy at {os.path.dirname(socket)}"
+    return "cluster has no endpoint"
+
+
+def _check_added_cluster(m: Manifests, plugin: Document, name: str, source: str | None) -> Finding:
+    subject = f"{plugin.ref} cluster {name}"
+    labels = _pod_labels(m, plugin)
+    wanted_contexts = {"GATEWAY", "ANY"} if m.targets_gateway(plugin) else {"SIDECAR_OUTBOUND", "ANY"}
+    candidates = [(ef, p) for ef, p in m.added("CLUSTER") if (p["patch"].get("value") or {}).get("name") == name]
+    if not candidates:
+        return Finding(False, subject, "neither an Istio outbound|<port>||<host> cluster nor added by an EnvoyFilter")
+    applicable = [(ef, p) for ef, p in candidates
+                  if _selects_workload(ef, "workloadSelector", labels, plugin.namespace)
+                  and _patch_context(p) in wanted_contexts]
+    if not applicable:
+        where = ", ".join(ef.ref for ef, _ in candidates)
+        return Finding(False, subject, f"added by {where}, but not for the workloads this plugin selects "
+                                       f"(namespace, workloadSelector or context {'/'.join(sorted(wanted_contexts))})")
+    ef, patch = applicable[0]
+    value = patch["patch"]["value"]
+    problem = None
+    if source == "kubernetes":
+        problem = _check_token_file(m, plugin, value)
+    elif source == "spiffe":
+        problem = _check_spiffe_socket(m, value)
+    if problem:
+        return Finding(False, subject, f"added by {ef.ref}, but {problem}")
+    return Finding(True, subject, f"added by {ef.ref}")
+
+
+_OUTBOUND = re.compile(r"^outbound\|(\d+)\|([^|]*)\|(.+)$")
+
+
+def check_plugin_clusters(m: Manifests) -> list[Finding]:
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        config = plugin.spec.get("pluginConfig") or {}
+        subject_token = config.get("subject_token") or {}
+        source = subject_token.get("source", "header")
+        refs = [("token_endpoint", (config.get("token_endpoint") or {}).get("cluster"), None)]
+        if source != "header":
+            refs.append(("subject_token", subject_token.get("cluster"), source))
+        for where, cluster, src in refs:
+            if not cluster:
+                findings.append(Finding(False, plugin.ref, f"pluginConfig.{where}.cluster is missing"))
+                continue
+            match = _OUTBOUND.match(cluster)
+            if match:
+                findings.append(_check_outbound_cluster(m, plugin, cluster, int(match.group(1)), match.group(2),
+                                                        match.group(3)))
+            else:
+                findings.append(_check_added_cluster(m, plugin, cluster, src))
+    return findings
+
+
+def check_plugin_config(m: Manifests) -> list[Finding]:
+    """The pluginConfig follows the filter's configuration contract, and the plugin is pinned."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        spec, config = plugin.spec, plugin.spec.get("pluginConfig") or {}
+        problems = [f"{key} is missing" for key in ("identity_provider_id", "service_account_id", "token_endpoint",
+                                                    "hosts") if not config.get(key)]
+        source = (config.get("subject_token") or {}).get("source", "header")
+        if source not in PLUGIN_SOURCES:
+            problems.append(f"subject_token.source {source!r} is not one of {sorted(PLUGIN_SOURCES)}")
+        for host in config.get("hosts") or []:
+            if not any(host in (se.spec.get("hosts") or []) for se in m.kind("ServiceEntry")):
+                problems.append(f"host {host} has no ServiceEntry")
+        if str(spec.get("url", "")).startswith("oci://") and not spec.get("sha256"):
+            problems.append("an OCI plugin must be pinned with sha256 (the image manifest digest)")
+        if spec.get("failStrategy") != "FAIL_CLOSE":
+            problems.append("failStrategy must be FAIL_CLOSE (never forward requests without credentials)")
+        findings.append(Finding(not problems, plugin.ref, "; ".join(problems) or
+                                f"source {source}, pinned, fail closed, hosts {config.get('hosts')}"))
+    return findings
+
+
+def check_gateway_references(m: Manifests) -> list[Finding]:
+    findings = []
+    gateways = {(g.namespace, g.name) for g in m.kind("Gateway")}
+    for vs in m.kind("VirtualService"):
+        names = list(vs.spec.get("gateways") or [])
+        for route in vs.spec.get("http") or []:
+            for match in route.get("match") or []:
+                names += match.get("gateways") or []
+        for name in dict.fromkeys(names):
+            if name == "mesh":
+                continue
+            namespace, _, gw = name.rpartition("/")
+            key = (namespace or vs.namespace, gw)
+            findings.append(Finding(key in gateways, f"{vs.ref} gateway {name}",
+                                    "Gateway exists" if key in gateways else f"no Gateway {key[0]}/{key[1]} in istio/"))
+        for route in vs.spec.get("http") or []:
+            for dest in route.get("route") or []:
+                d = dest.get("destination") or {}
+                if d.get("subset"):
+                    ok = any(s.get("name") == d["subset"] for dr in m.kind("DestinationRule")
+                             if dr.spec.get("host") == d.get("host") for s in dr.spec.get("subsets") or [])
+                    findings.append(Finding(ok, f"{vs.ref} destination {d.get('host')} subset {d['subset']}",
+                                            "subset defined" if ok else "no DestinationRule defines this subset"))
+    return findings
+
+
+def check_selectors(m: Manifests) -> list[Finding]:
+    findings = []
+    gateways = m.kind("Gateway")
+    for doc in m.kind("WasmPlugin") + m.kind("AuthorizationPolicy"):
+        labels = _labels(doc.spec.get("selector"))
+        sidecar = any((match or {}).get("mode") == "CLIENT" for match in doc.spec.get("match") or [])
+        if not labels:
+            findings.append(Finding(False, doc.ref, "selector.matchLabels is empty: it would apply to every "
+                                                    "workload in its namespace"))
+        elif sidecar:
+            hits_gateway = m.targets_gateway(doc)
+            findings.append(Finding(not hits_gateway, doc.ref, "selects application pods (sidecar, outbound)"
+                                    if not hits_gateway else "a sidecar (CLIENT) plugin must not select the gateway"))
+        else:
+            matching = [g for g in gateways if _subset(labels, _labels(g.spec.get("selector")))
+                        and doc.namespace in (g.namespace, ROOT_NAMESPACE)]
+            findings.append(Finding(bool(matching), doc.ref,
+                                    f"selects the pods of {matching[0].ref}" if matching else
+                                    f"selector {labels} matches no Gateway's selector in its namespace"))
+    return findings
+
+
+def check_namespaces(m: Manifests) -> list[Finding]:
+    missing = [d for d in m.docs if istio_api(d.obj) and not (d.obj.get("metadata") or {}).get("namespace")]
+    return [Finding(False, d.ref, "metadata.namespace must be explicit (selection depends on it)") for d in missing]
+
+
+def cross_check(docs: list[Document]) -> list[Finding]:
+    m = Manifests(docs)
+    return (check_namespaces(m) + check_plugin_config(m) + check_plugin_clusters(m)
+            + check_gateway_references(m) + check_selectors(m))
+
+
+# --- Envoy's view of the EnvoyFilter patches -----------------------------------------------------
+
+
+def envoy_bootstrap(docs: list[Document], scratch: Path) -> dict:
+    """A bootstrap holding every listener and cluster the EnvoyFilters ADD. Files they read are
+    replaced by files under `scratch` (the pod's volumes do not exist here)."""
+    m = Manifests(docs)
+    listeners, clusters = [], []
+    for kind, bucket in (("LISTENER", listeners), ("CLUSTER", clusters)):
+        for _, patch in m.added(kind):
+            bucket.append(copy.deepcopy(patch["patch"]["value"]))
+    for listener in listeners:
+        for body in _direct_response_bodies(listener):
+            if "filename" in body:
+                local = scratch / body["filename"].lstrip("/")
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text("header.payload.signature")
+                body["filename"] = str(local)
+                if "watched_directory" in body:
+                    body["watched_directory"]["path"] = str(local.parent)
+    return {
+        "bootstrap_extensions": [{
+            "name": "envoy.bootstrap.internal_listener",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
+        }],
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def find_envoy() -> str | None:
+    beside_python = Path(sys.executable).parent / "envoy"
+    return str(beside_python) if beside_python.exists() else shutil.which("envoy")
+
+
+def envoy_check(docs: list[Document], envoy: str) -> Finding:
+    with tempfile.TemporaryDirectory(prefix="istio-validate-") as tmp:
+        bootstrap = envoy_bootstrap(docs, Path(tmp))
+        count = sum(len(v) for v in bootstrap["static_resources"].values())
+        config = Path(tmp) / "bootstrap.json"
+        config.write_text(json.dumps(bootstrap))
+        proc = subprocess.run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "error",
+                               "--use-dynamic-base-id"], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        return Finding(False, "EnvoyFilter patches", f"Envoy rejects them: {(proc.stdout + proc.stderr).strip()[-2000:]}")
+    return Finding(True, "EnvoyFilter patches", f"Envoy loads the {count} added listeners/clusters (--mode validate)")
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def load_catalog(crds: Path | None) -> CrdCatalog | None:
+    path = crds or DEFAULT_CRDS
+    if not path.exists():
+        if crds is not None:
+            raise SystemExit(f"error: {crds} not found")
+        return None
+    return CrdCatalog(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.istio_validate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--crds", type=Path, help=f"Istio CRDs (default: {DEFAULT_CRDS})")
+    parser.add_argument("--envoy", help="Envoy binary for checking EnvoyFilter patches (default: found on PATH)")
+    parser.add_argument("paths", nargs="*", type=Path, default=[ISTIO_DIR], help="files or directories (default: istio/)")
+    args = parser.parse_args(argv)
+
+    catalog = load_catalog(args.crds)
+    if catalog is None:
+        print(f"skipped: ../shared/istio not found ({DEFAULT_CRDS}): schema checks skipped, cross-checks still run")
+    docs = collect_documents(args.paths)
+    if not docs:
+        print("FAIL  no YAML documents found in " + ", ".join(map(str, args.paths)))
+        return 1
+    results = [validate_document(doc, catalog) for doc in docs]
+    findings = cross_check(docs)
+    envoy = args.envoy or find_envoy()
+    if any(d.kind == "EnvoyFilter" for d in docs):
+        if envoy:
+            findings.append(envoy_check(docs, envoy))
+        else:
+            print("skipped: no envoy binary: EnvoyFilter patches not loaded by Envoy")
+    for result in results:
+        print(result.line())
+    for finding in findings:
+        print(finding.line())
+    unevaluated = [u for r in results for u in r.unevaluated]
+    failed = sum(r.status == "FAIL" for r in results) + sum(not f.ok for f in findings)
+    counts = {s: sum(r.status == s for r in results) for s in ("OK", "BASIC", "SKIP", "FAIL")}
+    print(f"{len(results)} documents ({', '.join(f'{v} {k}' for k, v in counts.items() if v)}), "
+          f"{len(findings)} cross-checks ({sum(not f.ok for f in findings)} failed), "
+          f"{len(unevaluated)} CEL rules not evaluated")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
