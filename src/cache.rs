@@ -1,0 +1,351 @@
+//! The token cache in shared data: one record per identity, seen by every worker.
+//!
+//! A [`Record`] holds the current access token (if any) with its deadlines, and the last
+//! failure (if any) with its backoff. [`lookup`] turns a record into the one decision a request
+//! needs: use a token, use it and refresh, refuse for now, or fetch. A value that does not
+//! decode is a miss, never an error.
+//!
+//! The same module stores the gateway's subject token for platform sources ([`SubjectRecord`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::IdentityKey;
+use crate::lifetime;
+use crate::reply::Failure;
+use crate::secret::Secret;
+use crate::shared::{SharedStore, StoreError, KEY_PREFIX};
+
+/// How many times a read-modify-write is retried when another worker wrote in between.
+const CAS_ATTEMPTS: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedToken {
+    pub access_token: Secret,
+    pub issued_at_ms: u64,
+    pub refresh_at_ms: u64,
+    pub expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureState {
+    pub failure: Failure,
+    pub at_ms: u64,
+    /// Consecutive failures, 1 for the first.
+    pub count: u32,
+    /// No new attempt before this instant.
+    pub retry_at_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<CachedToken>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureState>,
+}
+
+/// What a request should do, given the record for its identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Use this token; when `refresh` is set, also start a refresh in the background.
+    Use { token: Secret, refresh: bool },
+    /// No usable token and the last attempt failed recently: refuse until `retry_at_ms`.
+    Backoff(FailureState),
+    /// No usable token: fetch one and wait for it.
+    Miss,
+}
+
+/// Decides what a request does at `now_ms`.
+pub fn lookup(record: Option<&Record>, now_ms: u64) -> Lookup {
+    let Some(record) = record else {
+        return Lookup::Miss;
+    };
+    let backing_off = record.failure.as_ref().filter(|f| now_ms < f.retry_at_ms);
+    match &record.token {
+        Some(t) if now_ms < t.expires_at_ms => Lookup::Use {
+            token: t.access_token.clone(),
+            refresh: now_ms >= t.refresh_at_ms && backing_off.is_none(),
+        },
+        _ => match backing_off {
+            Some(f) => Lookup::Backoff(f.clone()),
+            None => Lookup::Miss,
+        },
+    }
+}
+
+impl Record {
+    /// The record after a successful exchange: the new token, and the failure history cleared.
+    pub fn succeeded(token: CachedToken) -> Record {
+        Record {
+            token: Some(token),
+            failure: None,
+        }
+    }
+
+    /// The record after a failed attempt: a still-valid token is kept, and the next attempt is
+    /// pushed back exponentially (or by the server's `Retry-After`).
+    pub fn failed(
+        previous: Option<&Record>,
+        failure: Failure,
+        now_ms: u64,
+        retry_after_s: Option<u64>,
+        jitter: u16,
+    ) -> Record {
+        let count = previous
+            .and_then(|r| r.failure.as_ref())
+            .map_or(1, |f| f.count.saturating_add(1));
+        let token = previous
+            .and_then(|r| r.token.clone())
+            .filter(|t| now_ms < t.expires_at_ms);
+        Record {
+            token,
+            failure: Some(FailureState {
+                failure,
+                at_ms: now_ms,
+                count,
+                retry_at_ms: now_ms + lifetime::backoff_ms(count, retry_after_s, jitter),
+            }),
+        }
+    }
+
+    /// The record without its token, if the token is the one with `fingerprint`
+    /// (the API refused it); `None` when there is nothing to change.
+    pub fn invalidated(&self, fingerprint: &str) -> Option<Record> {
+        let t = self.token.as_ref()?;
+        (t.access_token.fingerprint() == fingerprint).then(|| Record {
+            token: None,
+            failure: self.failure.clone(),
+        })
+    }
+}
+
+/// The gateway's subject token, fetched from its platform source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectRecord {
+    pub subject: Secret,
+    /// The subject's `exp`, in seconds.
+    pub exp_s: Option<u64>,
+    pub fetched_at_ms: u64,
+    /// From this instant the subject is fetched again before the next exchange.
+    pub refresh_at_ms: u64,
+    /// After this instant the subject is never used.
+    pub expires_at_ms: u64,
+}
+
+impl SubjectRecord {
+    pub fn usable(&self, now_ms: u64) -> bool {
+        now_ms < self.expires_at_ms
+    }
+
+    pub fn due(&self, now_ms: u64) -> bool {
+        now_ms >= self.refresh_at_ms
+    }
+}
+
+pub fn token_key(identity: &IdentityKey) -> String {
+    format!("{KEY_PREFIX}tok.{}", identity.as_str())
+}
+
+pub fn subject_key(identity: &IdentityKey) -> String {
+    format!("{KEY_PREFIX}sub.{}", identity.as_str())
+}
+
+/// Reads a JSON value; a missing or undecodable one is `None`.
+pub fn read<T: for<'de> Deserialize<'de>>(
+    store: &dyn SharedStore,
+    key: &str,
+) -> Result<Option<(T, u32)>, StoreError> {
+    Ok(store
+        .get(key)?
+        .and_then(|(bytes, cas)| serde_json::from_slice(&bytes).ok().map(|v| (v, cas))))
+}
+
+/// Read-modify-write with CAS: `change` gets the current value and returns the new one, or
+/// `None` to leave it as it is. Returns what was written.
+pub fn update<T, F>(
+    store: &dyn SharedStore,
+    key: &str,
+    mut change: F,
+) -> Result<Option<T>, StoreError>
+where
+    T: Serialize + for<'de> Deserialize<'de>,
+    F: FnMut(Option<&T>) -> Option<T>,
+{
+    for _ in 0..CAS_ATTEMPTS {
+        let current = store.get(key)?;
+        let cas = current.as_ref().map(|(_, cas)| *cas);
+        let value: Option<T> = current.and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok());
+        let Some(next) = change(value.as_ref()) else {
+            return Ok(None);
+        };
+        let bytes = serde_json::to_vec(&next).map_err(|_| StoreError::Host(0))?;
+        match store.set(key, &bytes, cas) {
+            Ok(()) => return Ok(Some(next)),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::CasMismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reply::Code;
+    use crate::shared::MemoryStore;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn token(refresh_in: u64, expires_in: u64) -> CachedToken {
+        CachedToken {
+            access_token: Secret::new("at-1"),
+            issued_at_ms: NOW,
+            refresh_at_ms: NOW + refresh_in,
+            expires_at_ms: NOW + expires_in,
+            scope: None,
+        }
+    }
+
+    fn failure() -> Failure {
+        Failure::new(Code::TokenExchangeFailed, "boom")
+    }
+
+    #[test]
+    fn lookup_states() {
+        assert_eq!(lookup(None, NOW), Lookup::Miss);
+        let r = Record::succeeded(token(100, 200));
+        assert_eq!(
+            lookup(Some(&r), NOW),
+            Lookup::Use {
+                token: Secret::new("at-1"),
+                refresh: false
+            }
+        );
+        assert_eq!(
+            lookup(Some(&r), NOW + 100),
+            Lookup::Use {
+                token: Secret::new("at-1"),
+                refresh: true
+            }
+        );
+        assert_eq!(
+            lookup(Some(&r), NOW + 199),
+            Lookup::Use {
+                token: Secret::new("at-1"),
+                refresh: true
+            }
+        );
+        assert_eq!(
+            lookup(Some(&r), NOW + 200),
+            Lookup::Miss,
+            "never used at or after expiry"
+        );
+    }
+
+    #[test]
+    fn failures_back_off_but_keep_a_valid_token() {
+        let r = Record::succeeded(token(100, 5_000));
+        let f = Record::failed(Some(&r), failure(), NOW + 150, None, 0);
+        assert_eq!(f.failure.as_ref().unwrap().count, 1);
+        assert_eq!(f.failure.as_ref().unwrap().retry_at_ms, NOW + 1_150);
+        // Still valid token: served, no refresh during the backoff, refresh again after it.
+        assert_eq!(
+            lookup(Some(&f), NOW + 200),
+            Lookup::Use {
+                token: Secret::new("at-1"),
+                refresh: false
+            }
+        );
+        assert_eq!(
+            lookup(Some(&f), NOW + 1_150),
+            Lookup::Use {
+                token: Secret::new("at-1"),
+                refresh: true
+            }
+        );
+        // Expired token during backoff: refused; after backoff: a miss.
+        let g = Record::failed(Some(&f), failure(), NOW + 5_000, None, 0);
+        assert_eq!(g.token, None);
+        assert_eq!(g.failure.as_ref().unwrap().count, 2);
+        assert!(matches!(lookup(Some(&g), NOW + 5_001), Lookup::Backoff(_)));
+        assert_eq!(lookup(Some(&g), NOW + 7_000), Lookup::Miss);
+        // Success clears the history.
+        assert_eq!(Record::succeeded(token(1, 2)).failure, None);
+    }
+
+    #[test]
+    fn invalidation_only_removes_the_refused_token() {
+        let r = Record::succeeded(token(100, 200));
+        assert_eq!(r.invalidated("000000000000"), None);
+        let fp = Secret::new("at-1").fingerprint();
+        assert_eq!(r.invalidated(&fp).unwrap().token, None);
+    }
+
+    #[test]
+    fn undecodable_values_are_misses() {
+        let s = MemoryStore::default();
+        let id = IdentityKey::from_raw("ab");
+        s.set(&token_key(&id), b"\x00garbage", None).unwrap();
+        assert!(read::<Record>(&s, &token_key(&id)).unwrap().is_none());
+        s.set(&token_key(&id), b"", None).unwrap();
+        assert!(read::<Record>(&s, &token_key(&id)).unwrap().is_none());
+    }
+
+    #[test]
+    fn update_round_trips_and_keys_are_versioned() {
+        let s = MemoryStore::default();
+        let id = IdentityKey::from_raw("ab");
+        let key = token_key(&id);
+        assert_eq!(key, "openai_wif.v1.tok.ab");
+        assert_eq!(subject_key(&id), "openai_wif.v1.sub.ab");
+        let written = update(&s, &key, |_: Option<&Record>| {
+            Some(Record::succeeded(token(1, 2)))
+        })
+        .unwrap();
+        assert!(written.is_some());
+        let (back, _) = read::<Record>(&s, &key).unwrap().unwrap();
+        assert_eq!(back, Record::succeeded(token(1, 2)));
+        let none = update(&s, &key, |_: Option<&Record>| None).unwrap();
+        assert!(none.is_none());
+    }
+
+    /// A store whose value changes under the first write, as when another worker writes.
+    struct Racy {
+        inner: MemoryStore,
+        raced: std::cell::Cell<bool>,
+    }
+
+    impl SharedStore for Racy {
+        fn get(&self, key: &str) -> Result<Option<crate::shared::Versioned>, StoreError> {
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+            if !self.raced.replace(true) {
+                self.inner.set(key, br#"{"failure":null}"#, None)?;
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn update_retries_when_another_worker_wrote_first() {
+        let s = Racy {
+            inner: MemoryStore::default(),
+            raced: false.into(),
+        };
+        s.inner.set("k", b"{}", None).unwrap();
+        let mut calls = 0;
+        update(&s, "k", |_: Option<&Record>| {
+            calls += 1;
+            Some(Record::succeeded(token(1, 2)))
+        })
+        .unwrap();
+        assert_eq!(calls, 2);
+        assert_eq!(
+            read::<Record>(&s.inner, "k").unwrap().unwrap().0,
+            Record::succeeded(token(1, 2))
+        );
+    }
+}

@@ -1,0 +1,727 @@
+//! Filter configuration: parsed once, validated, then frozen.
+//!
+//! The JSON arrives as Envoy's `configuration` (or Istio's `pluginConfig`). It is read into
+//! the raw serde structs below, which reject unknown fields, and then converted into
+//! [`Config`], whose every value has been checked. A bad configuration is refused with a
+//! [`ConfigError`] naming the field, and the filter does not start.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The validated configuration, shared read-only by every context of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub identity_provider_id: String,
+    pub service_account_id: String,
+    pub subject: SubjectSource,
+    pub subject_token_type: SubjectTokenType,
+    pub token_endpoint: TokenEndpoint,
+    /// Lower-case host names whose requests get a token; any port on `:authority` is ignored.
+    pub hosts: Vec<String>,
+}
+
+impl Config {
+    /// True when a request with this `:authority` is one the filter must authorise.
+    /// The port is ignored, and so is case; IPv6 literals keep their brackets.
+    pub fn handles(&self, authority: &str) -> bool {
+        let host = match authority.rfind(':') {
+            Some(i) if !authority[i..].contains(']') => &authority[..i],
+            _ => authority,
+        };
+        let host = host.trim_end_matches('.');
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+    }
+
+    /// The longest a request may wait for a token: a subject fetch and an exchange, twice
+    /// (a lost leader's lease runs out once), plus a margin.
+    pub fn wait_budget(&self) -> Duration {
+        (self.lease_duration()) * 2
+    }
+
+    /// How long a worker holds an identity's lease while it fetches.
+    pub fn lease_duration(&self) -> Duration {
+        self.subject.timeout() + self.token_endpoint.timeout + Duration::from_millis(500)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenEndpoint {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectTokenType {
+    Jwt,
+    IdToken,
+}
+
+impl SubjectTokenType {
+    /// The URN sent as `subject_token_type` in the exchange.
+    pub fn urn(self) -> &'static str {
+        match self {
+            SubjectTokenType::Jwt => "urn:ietf:params:oauth:token-type:jwt",
+            SubjectTokenType::IdToken => "urn:ietf:params:oauth:token-type:id_token",
+        }
+    }
+}
+
+/// Where subject tokens come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectSource {
+    /// Per-request identity: each workload sends its own token in this header.
+    Header { header: String },
+    /// The gateway's projected service account token file, served by Envoy itself.
+    Kubernetes {
+        cluster: String,
+        authority: String,
+        path: String,
+        timeout: Duration,
+        refresh_interval: Duration,
+    },
+    /// Google metadata server identity token.
+    GcpMetadata {
+        cluster: String,
+        authority: String,
+        audience: String,
+        timeout: Duration,
+    },
+    /// Azure Instance Metadata Service managed identity token.
+    AzureImds {
+        cluster: String,
+        authority: String,
+        resource: String,
+        identity: Option<AzureIdentity>,
+        timeout: Duration,
+    },
+    /// SPIFFE Workload API JWT-SVID (SPIRE, Defakto).
+    Spiffe {
+        cluster: String,
+        audience: String,
+        spiffe_id: Option<String>,
+        timeout: Duration,
+    },
+}
+
+/// Which user-assigned managed identity IMDS should issue a token for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AzureIdentity {
+    ClientId(String),
+    ObjectId(String),
+    MsiResId(String),
+}
+
+impl SubjectSource {
+    /// The name used in configuration, logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SubjectSource::Header { .. } => "header",
+            SubjectSource::Kubernetes { .. } => "kubernetes",
+            SubjectSource::GcpMetadata { .. } => "gcp_metadata",
+            SubjectSource::AzureImds { .. } => "azure_imds",
+            SubjectSource::Spiffe { .. } => "spiffe",
+        }
+    }
+
+    /// True when the subject belongs to the gateway rather than to each request.
+    pub fn is_gateway_identity(&self) -> bool {
+        !matches!(self, SubjectSource::Header { .. })
+    }
+
+    /// How long a fetch from the source may take.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            SubjectSource::Header { .. } => Duration::ZERO,
+            SubjectSource::Kubernetes { timeout, .. }
+            | SubjectSource::GcpMetadata { timeout, .. }
+            | SubjectSource::AzureImds { timeout, .. }
+            | SubjectSource::Spiffe { timeout, .. } => *timeout,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("configuration is not valid JSON for this filter at `{field}`: {reason}")]
+    Syntax { field: String, reason: String },
+    #[error("configuration field `{field}` {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+const DEFAULT_HEADER: &str = "x-openai-subject-token";
+const DEFAULT_TOKEN_AUTHORITY: &str = "auth.openai.com";
+const DEFAULT_TOKEN_PATH: &str = "/oauth/token";
+const DEFAULT_TIMEOUT_MS: u64 = 5000;
+const MAX_TIMEOUT_MS: u64 = 60_000;
+const DEFAULT_HOST: &str = "api.openai.com";
+const DEFAULT_K8S_AUTHORITY: &str = "localhost";
+const DEFAULT_K8S_PATH: &str = "/token";
+const DEFAULT_K8S_REFRESH_S: u64 = 30;
+const DEFAULT_GCP_AUTHORITY: &str = "metadata.google.internal";
+const DEFAULT_IMDS_AUTHORITY: &str = "169.254.169.254";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    identity_provider_id: String,
+    service_account_id: String,
+    #[serde(default)]
+    subject_token: Option<RawSubject>,
+    #[serde(default)]
+    subject_token_type: Option<String>,
+    token_endpoint: RawTokenEndpoint,
+    #[serde(default)]
+    hosts: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenEndpoint {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
+enum RawSubject {
+    Header {
+        #[serde(default)]
+        header: Option<String>,
+    },
+    Kubernetes {
+        cluster: String,
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        authority: Option<String>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        #[serde(default)]
+        refresh_interval_s: Option<u64>,
+    },
+    GcpMetadata {
+        cluster: String,
+        audience: String,
+        #[serde(default)]
+        authority: Option<String>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    AzureImds {
+        cluster: String,
+        resource: String,
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default)]
+        object_id: Option<String>,
+        #[serde(default)]
+        msi_res_id: Option<String>,
+        #[serde(default)]
+        authority: Option<String>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    Spiffe {
+        cluster: String,
+        audience: String,
+        #[serde(default)]
+        spiffe_id: Option<String>,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration.
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Syntax {
+                field: if field == "." {
+                    "(top level)".into()
+                } else {
+                    field
+                },
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        raw.try_into()
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        let identity_provider_id = identifier("identity_provider_id", raw.identity_provider_id)?;
+        let service_account_id = identifier("service_account_id", raw.service_account_id)?;
+        let subject_token_type = match raw.subject_token_type.as_deref() {
+            None | Some("jwt") => SubjectTokenType::Jwt,
+            Some("id_token") => SubjectTokenType::IdToken,
+            Some(other) => {
+                return Err(invalid(
+                    "subject_token_type",
+                    format!("must be \"jwt\" or \"id_token\", not {other:?}"),
+                ))
+            }
+        };
+        let token_endpoint = TokenEndpoint {
+            cluster: cluster("token_endpoint.cluster", raw.token_endpoint.cluster)?,
+            authority: authority(
+                "token_endpoint.authority",
+                raw.token_endpoint.authority,
+                DEFAULT_TOKEN_AUTHORITY,
+            )?,
+            path: path(
+                "token_endpoint.path",
+                raw.token_endpoint.path,
+                DEFAULT_TOKEN_PATH,
+            )?,
+            timeout: timeout("token_endpoint.timeout_ms", raw.token_endpoint.timeout_ms)?,
+        };
+        let subject = subject(raw.subject_token)?;
+        let hosts = hosts(raw.hosts)?;
+        Ok(Config {
+            identity_provider_id,
+            service_account_id,
+            subject,
+            subject_token_type,
+            token_endpoint,
+            hosts,
+        })
+    }
+}
+
+fn subject(raw: Option<RawSubject>) -> Result<SubjectSource, ConfigError> {
+    let raw = raw.unwrap_or(RawSubject::Header { header: None });
+    Ok(match raw {
+        RawSubject::Header { header } => SubjectSource::Header {
+            header: header_name("subject_token.header", header)?,
+        },
+        RawSubject::Kubernetes {
+            cluster: c,
+            path: p,
+            authority: a,
+            timeout_ms,
+            refresh_interval_s,
+        } => {
+            let refresh = refresh_interval_s.unwrap_or(DEFAULT_K8S_REFRESH_S);
+            if !(1..=3600).contains(&refresh) {
+                return Err(invalid(
+                    "subject_token.refresh_interval_s",
+                    format!("must be between 1 and 3600 seconds, not {refresh}"),
+                ));
+            }
+            SubjectSource::Kubernetes {
+                cluster: cluster("subject_token.cluster", c)?,
+                authority: authority("subject_token.authority", a, DEFAULT_K8S_AUTHORITY)?,
+                path: path("subject_token.path", p, DEFAULT_K8S_PATH)?,
+                timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
+                refresh_interval: Duration::from_secs(refresh),
+            }
+        }
+        RawSubject::GcpMetadata {
+            cluster: c,
+            audience,
+            authority: a,
+            timeout_ms,
+        } => SubjectSource::GcpMetadata {
+            cluster: cluster("subject_token.cluster", c)?,
+            authority: authority("subject_token.authority", a, DEFAULT_GCP_AUTHORITY)?,
+            audience: identifier("subject_token.audience", audience)?,
+            timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
+        },
+        RawSubject::AzureImds {
+            cluster: c,
+            resource,
+            client_id,
+            object_id,
+            msi_res_id,
+            authority: a,
+            timeout_ms,
+        } => {
+            let selectors = [
+                client_id.map(AzureIdentity::ClientId),
+                object_id.map(AzureIdentity::ObjectId),
+                msi_res_id.map(AzureIdentity::MsiResId),
+            ];
+            let mut chosen = selectors.into_iter().flatten();
+            let identity = chosen.next();
+            if chosen.next().is_some() {
+                return Err(invalid(
+                    "subject_token.client_id",
+                    "at most one of client_id, object_id and msi_res_id may be set".into(),
+                ));
+            }
+            let identity = match identity {
+                Some(AzureIdentity::ClientId(v)) => Some(AzureIdentity::ClientId(identifier(
+                    "subject_token.client_id",
+                    v,
+                )?)),
+                Some(AzureIdentity::ObjectId(v)) => Some(AzureIdentity::ObjectId(identifier(
+                    "subject_token.object_id",
+                    v,
+                )?)),
+                Some(AzureIdentity::MsiResId(v)) => Some(AzureIdentity::MsiResId(identifier(
+                    "subject_token.msi_res_id",
+                    v,
+                )?)),
+                None => None,
+            };
+            SubjectSource::AzureImds {
+                cluster: cluster("subject_token.cluster", c)?,
+                authority: authority("subject_token.authority", a, DEFAULT_IMDS_AUTHORITY)?,
+                resource: identifier("subject_token.resource", resource)?,
+                identity,
+                timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
+            }
+        }
+        RawSubject::Spiffe {
+            cluster: c,
+            audience,
+            spiffe_id,
+            timeout_ms,
+        } => {
+            let spiffe_id = match spiffe_id {
+                None => None,
+                Some(id) => {
+                    let id = identifier("subject_token.spiffe_id", id)?;
+                    if !id.starts_with("spiffe://") || id.len() <= "spiffe://".len() {
+                        return Err(invalid(
+                            "subject_token.spiffe_id",
+                            "must be a SPIFFE ID such as spiffe://example.org/workload".into(),
+                        ));
+                    }
+                    Some(id)
+                }
+            };
+            SubjectSource::Spiffe {
+                cluster: cluster("subject_token.cluster", c)?,
+                audience: identifier("subject_token.audience", audience)?,
+                spiffe_id,
+                timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
+            }
+        }
+    })
+}
+
+fn invalid(field: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { field, reason }
+}
+
+/// An id, audience or resource: printable ASCII without spaces, at most 1024 bytes.
+fn identifier(field: &'static str, value: String) -> Result<String, ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty".into()));
+    }
+    if value.len() > 1024 {
+        return Err(invalid(field, "must be at most 1024 bytes".into()));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            "must be printable ASCII without spaces".into(),
+        ));
+    }
+    Ok(value)
+}
+
+fn cluster(field: &'static str, value: String) -> Result<String, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(invalid(field, "must name an Envoy cluster".into()));
+    }
+    identifier(field, value)
+}
+
+fn authority(
+    field: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
+    let value = value.unwrap_or_else(|| default.to_string());
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b));
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("must be a host name with an optional port, not {value:?}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn path(field: &'static str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    let value = value.unwrap_or_else(|| default.to_string());
+    if !value.starts_with('/') || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            format!("must start with '/' and contain no spaces, not {value:?}"),
+        ));
+    }
+    Ok(value)
+}
+
+fn timeout(field: &'static str, value: Option<u64>) -> Result<Duration, ConfigError> {
+    let ms = value.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
+        return Err(invalid(
+            field,
+            format!("must be between 1 and {MAX_TIMEOUT_MS} milliseconds, not {ms}"),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn header_name(field: &'static str, value: Option<String>) -> Result<String, ConfigError> {
+    let value = value.unwrap_or_else(|| DEFAULT_HEADER.to_string());
+    let token = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if !token {
+        return Err(invalid(
+            field,
+            format!("must be a lower-case HTTP header name, not {value:?}"),
+        ));
+    }
+    if value == "authorization" || value == "host" {
+        return Err(invalid(
+            field,
+            format!("must not be {value:?}: the filter owns that header"),
+        ));
+    }
+    Ok(value)
+}
+
+fn hosts(value: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let hosts = value.unwrap_or_else(|| vec![DEFAULT_HOST.to_string()]);
+    if hosts.is_empty() {
+        return Err(invalid("hosts", "must list at least one host".into()));
+    }
+    hosts
+        .into_iter()
+        .map(|h| {
+            let h = h.to_ascii_lowercase();
+            let ok = !h.is_empty()
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                || (h.starts_with('[') && h.ends_with(']'));
+            if ok {
+                Ok(h)
+            } else {
+                Err(invalid(
+                    "hosts",
+                    format!("entries must be host names without port or scheme, not {h:?}"),
+                ))
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes())
+    }
+
+    const MINIMAL: &str = r#"{"identity_provider_id":"wip_1","service_account_id":"sa_1",
+        "token_endpoint":{"cluster":"openai_auth"}}"#;
+
+    #[test]
+    fn minimal_config_takes_the_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.subject,
+            SubjectSource::Header {
+                header: "x-openai-subject-token".into()
+            }
+        );
+        assert_eq!(c.subject_token_type, SubjectTokenType::Jwt);
+        assert_eq!(c.token_endpoint.authority, "auth.openai.com");
+        assert_eq!(c.token_endpoint.path, "/oauth/token");
+        assert_eq!(c.token_endpoint.timeout, Duration::from_millis(5000));
+        assert_eq!(c.hosts, vec!["api.openai.com"]);
+    }
+
+    #[test]
+    fn full_header_config() {
+        let c = parse(
+            r#"{"identity_provider_id":"wip_1","service_account_id":"sa_1",
+            "subject_token":{"source":"header","header":"x-id"},
+            "subject_token_type":"id_token",
+            "token_endpoint":{"cluster":"c","authority":"auth.example:8443","path":"/t","timeout_ms":250},
+            "hosts":["API.openai.com","gateway.internal"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.subject_token_type.urn(),
+            "urn:ietf:params:oauth:token-type:id_token"
+        );
+        assert_eq!(c.hosts, vec!["api.openai.com", "gateway.internal"]);
+        assert_eq!(c.token_endpoint.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn every_platform_source_parses() {
+        let base = |s: &str| {
+            format!(
+                r#"{{"identity_provider_id":"w","service_account_id":"s",
+                "token_endpoint":{{"cluster":"a"}},"subject_token":{s}}}"#
+            )
+        };
+        let k = parse(&base(
+            r#"{"source":"kubernetes","cluster":"wif_token_file","path":"/token"}"#,
+        ))
+        .unwrap();
+        assert!(
+            matches!(k.subject, SubjectSource::Kubernetes { ref authority, refresh_interval, .. }
+            if authority == "localhost" && refresh_interval == Duration::from_secs(30))
+        );
+        let g = parse(&base(
+            r#"{"source":"gcp_metadata","cluster":"gcp","audience":"https://api.openai.com/v1"}"#,
+        ))
+        .unwrap();
+        assert!(
+            matches!(g.subject, SubjectSource::GcpMetadata { ref authority, .. } if authority == "metadata.google.internal")
+        );
+        let a = parse(&base(
+            r#"{"source":"azure_imds","cluster":"imds","resource":"api://x","object_id":"o"}"#,
+        ))
+        .unwrap();
+        assert!(
+            matches!(a.subject, SubjectSource::AzureImds { identity: Some(AzureIdentity::ObjectId(ref o)), ref authority, .. }
+            if o == "o" && authority == "169.254.169.254")
+        );
+        let s = parse(&base(r#"{"source":"spiffe","cluster":"spire","audience":"aud","spiffe_id":"spiffe://ex.org/w"}"#)).unwrap();
+        assert!(s.subject.is_gateway_identity());
+        assert_eq!(s.subject.name(), "spiffe");
+    }
+
+    #[test]
+    fn host_matching_ignores_port_and_case() {
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["api.openai.com","localhost"]}"#).unwrap();
+        for yes in [
+            "api.openai.com",
+            "API.OpenAI.com",
+            "api.openai.com:443",
+            "api.openai.com.",
+            "localhost:10000",
+        ] {
+            assert!(c.handles(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "openai.com",
+            "api.openai.com.evil.example",
+            "evil.example",
+            "api.openai.co",
+            "xapi.openai.com",
+        ] {
+            assert!(!c.handles(no), "{no}");
+        }
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["[::1]"]}"#).unwrap();
+        assert!(c.handles("[::1]:8080"));
+        assert!(c.handles("[::1]"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s"}"#,
+                "token_endpoint",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a","timeout":5}}"#,
+                "timeout",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"extra":1}"#,
+                "extra",
+            ),
+            (
+                r#"{"identity_provider_id":"","service_account_id":"s","token_endpoint":{"cluster":"a"}}"#,
+                "identity_provider_id",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":""}}"#,
+                "token_endpoint.cluster",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a","timeout_ms":0}}"#,
+                "token_endpoint.timeout_ms",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a","timeout_ms":"5"}}"#,
+                "token_endpoint.timeout_ms",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a","path":"oauth"}}"#,
+                "token_endpoint.path",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token_type":"saml"}"#,
+                "subject_token_type",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":[]}"#,
+                "hosts",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["api.openai.com:443"]}"#,
+                "hosts",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"header","header":"Authorization"}}"#,
+                "subject_token.header",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"header","header":"authorization"}}"#,
+                "subject_token.header",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"ldap"}}"#,
+                "subject_token",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"gcp_metadata","cluster":"g"}}"#,
+                "audience",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"azure_imds","cluster":"i","resource":"r","client_id":"c","object_id":"o"}}"#,
+                "subject_token.client_id",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"spiffe","cluster":"i","audience":"a","spiffe_id":"example.org/w"}}"#,
+                "subject_token.spiffe_id",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"kubernetes","cluster":"k","refresh_interval_s":0}}"#,
+                "subject_token.refresh_interval_s",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"kubernetes","cluster":"k","audience":"x"}}"#,
+                "audience",
+            ),
+            ("not json", "(top level)"),
+            ("", "(top level)"),
+        ];
+        for (json, field) in cases {
+            let err = parse(json).expect_err(json).to_string();
+            assert!(err.contains(field), "{json}: {err} should name {field}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Which identity a token belongs to: the cache key.
+//!
+//! Per-request identities are keyed by a SHA-256 over the whole subject token plus the exchange
+//! parameters, never by a claim: the filter does not verify signatures, so a forged token that
+//! copies another workload's `sub` must land on a key of its own. Gateway identities are keyed
+//! by the source's configuration, since the subject token changes with every rotation.
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{AzureIdentity, Config, SubjectSource};
+use crate::secret::{hex, Secret};
+
+/// Hex SHA-256 naming one identity's cache entry and lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityKey(String);
+
+impl IdentityKey {
+    /// Key for a subject token sent by a workload.
+    pub fn for_subject(config: &Config, subject: &Secret) -> Self {
+        Self::digest(&["request", subject.expose()], config)
+    }
+
+    /// Key for the gateway's own identity under `config.subject`.
+    pub fn for_gateway(config: &Config) -> Self {
+        let mut parts: Vec<&str> = vec!["gateway", config.subject.name()];
+        match &config.subject {
+            SubjectSource::Header { header } => parts.push(header),
+            SubjectSource::Kubernetes {
+                cluster,
+                authority,
+                path,
+                ..
+            } => parts.extend([cluster.as_str(), authority, path]),
+            SubjectSource::GcpMetadata {
+                cluster,
+                authority,
+                audience,
+                ..
+            } => parts.extend([cluster.as_str(), authority, audience]),
+            SubjectSource::AzureImds {
+                cluster,
+                authority,
+                resource,
+                identity,
+                ..
+            } => {
+                parts.extend([cluster.as_str(), authority, resource]);
+                match identity {
+                    Some(AzureIdentity::ClientId(v)) => parts.extend(["client_id", v]),
+                    Some(AzureIdentity::ObjectId(v)) => parts.extend(["object_id", v]),
+                    Some(AzureIdentity::MsiResId(v)) => parts.extend(["msi_res_id", v]),
+                    None => {}
+                }
+            }
+            SubjectSource::Spiffe {
+                cluster,
+                audience,
+                spiffe_id,
+                ..
+            } => {
+                parts.extend([cluster.as_str(), audience]);
+                parts.push(spiffe_id.as_deref().unwrap_or(""));
+            }
+        }
+        Self::digest(&parts, config)
+    }
+
+    fn digest(parts: &[&str], config: &Config) -> Self {
+        let mut h = Sha256::new();
+        let exchange = [
+            config.identity_provider_id.as_str(),
+            &config.service_account_id,
+            config.subject_token_type.urn(),
+        ];
+        for part in parts.iter().chain(exchange.iter()) {
+            // Length-prefixed, so ("ab", "c") and ("a", "bc") differ.
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        IdentityKey(hex(&h.finalize()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A prefix for logs: enough to correlate, too short to matter.
+    pub fn short(&self) -> &str {
+        &self.0[..12.min(self.0.len())]
+    }
+
+    #[cfg(test)]
+    pub fn from_raw(s: &str) -> Self {
+        IdentityKey(s.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(
+            format!(
+                r#"{{"identity_provider_id":"wip_1","service_account_id":"sa_1",
+                "token_endpoint":{{"cluster":"a"}}{extra}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn each_input_changes_the_key() {
+        let c = config("");
+        let t = Secret::new("h.p.s");
+        let k = IdentityKey::for_subject(&c, &t);
+        assert_eq!(k, IdentityKey::for_subject(&c, &Secret::new("h.p.s")));
+        assert_eq!(k.as_str().len(), 64);
+        assert_ne!(k, IdentityKey::for_subject(&c, &Secret::new("h.p.t")));
+        let other_sa = Config::parse(br#"{"identity_provider_id":"wip_1","service_account_id":"sa_2","token_endpoint":{"cluster":"a"}}"#).unwrap();
+        assert_ne!(k, IdentityKey::for_subject(&other_sa, &t));
+        let other_idp = Config::parse(br#"{"identity_provider_id":"wip_2","service_account_id":"sa_1","token_endpoint":{"cluster":"a"}}"#).unwrap();
+        assert_ne!(k, IdentityKey::for_subject(&other_idp, &t));
+        let id_token = config(r#","subject_token_type":"id_token""#);
+        assert_ne!(k, IdentityKey::for_subject(&id_token, &t));
+    }
+
+    #[test]
+    fn gateway_keys_follow_the_source() {
+        let a = config(
+            r#","subject_token":{"source":"gcp_metadata","cluster":"g","audience":"aud-1"}"#,
+        );
+        let b = config(
+            r#","subject_token":{"source":"gcp_metadata","cluster":"g","audience":"aud-2"}"#,
+        );
+        assert_ne!(IdentityKey::for_gateway(&a), IdentityKey::for_gateway(&b));
+        assert_eq!(
+            IdentityKey::for_gateway(&a),
+            IdentityKey::for_gateway(&a.clone())
+        );
+        let x = config(
+            r#","subject_token":{"source":"azure_imds","cluster":"i","resource":"r","client_id":"c"}"#,
+        );
+        let y = config(
+            r#","subject_token":{"source":"azure_imds","cluster":"i","resource":"r","object_id":"c"}"#,
+        );
+        assert_ne!(IdentityKey::for_gateway(&x), IdentityKey::for_gateway(&y));
+    }
+}

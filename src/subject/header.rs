@@ -1,0 +1,79 @@
+//! The `header` source: each workload sends its own subject token with its request.
+
+use crate::jwt::{self, Claims, JwtError};
+use crate::reply::{Code, Failure};
+use crate::secret::Secret;
+
+/// Validates the header's value: present, not empty, not oversized, a three-part JWT, not
+/// expired at `now_s`. Every refusal is a 401 that says what was wrong.
+pub fn accept(
+    value: Option<String>,
+    header: &str,
+    now_s: u64,
+) -> Result<(Secret, Claims), Failure> {
+    let Some(value) = value else {
+        return Err(Failure::new(
+            Code::MissingSubjectToken,
+            format!("the request has no subject token: send the workload's identity token in the {header} header"),
+        ));
+    };
+    let value = value.trim();
+    let claims = jwt::inspect(value).map_err(|e| match e {
+        JwtError::Empty => Failure::new(
+            Code::MissingSubjectToken,
+            format!("the {header} header is empty"),
+        ),
+        other => Failure::new(
+            Code::InvalidSubjectToken,
+            format!("the subject token in {header} is not valid: {other}"),
+        ),
+    })?;
+    if claims.exp.is_some_and(|exp| exp <= now_s) {
+        return Err(Failure::new(
+            Code::SubjectTokenExpired,
+            format!("the subject token in {header} has expired"),
+        ));
+    }
+    Ok((Secret::new(value), claims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::tests::make;
+
+    const H: &str = "x-openai-subject-token";
+
+    #[test]
+    fn accepts_a_jwt() {
+        let t = make(r#"{"exp":2000}"#);
+        let (s, c) = accept(Some(format!(" {t} ")), H, 1000).unwrap();
+        assert_eq!(s.expose(), t);
+        assert_eq!(c.exp, Some(2000));
+    }
+
+    #[test]
+    fn refusals() {
+        let cases = [
+            (None, Code::MissingSubjectToken),
+            (Some(String::new()), Code::MissingSubjectToken),
+            (Some("Bearer abc".into()), Code::InvalidSubjectToken),
+            (Some("x".repeat(20_000)), Code::InvalidSubjectToken),
+            (Some(make(r#"{"exp":999}"#)), Code::SubjectTokenExpired),
+        ];
+        for (value, code) in cases {
+            let f = accept(value.clone(), H, 1000).unwrap_err();
+            assert_eq!(f.code, code, "{value:.30?}");
+            assert!(f.message.contains(H));
+        }
+    }
+
+    #[test]
+    fn refusals_never_echo_the_token() {
+        let t = make(r#"{"exp":1}"#);
+        let f = accept(Some(t.clone()), H, 1000).unwrap_err();
+        assert!(!f.message.contains(&t));
+        let f = accept(Some("secretgarbage".into()), H, 1000).unwrap_err();
+        assert!(!f.message.contains("secretgarbage"));
+    }
+}

@@ -1,0 +1,335 @@
+//! Where subject tokens come from.
+//!
+//! With the `header` source each workload sends its own token ([`header`]). Every other source
+//! gives the gateway its own identity, fetched from the platform with one callout: the
+//! Kubernetes projected token file (served by Envoy itself), the Google metadata server, Azure
+//! IMDS, or the SPIFFE Workload API. For each, [`request`] builds the callout and [`parse`] reads
+//! the answer; both are pure, and the root context runs the callout.
+
+pub mod azure_imds;
+pub mod gcp_metadata;
+pub mod header;
+pub mod kubernetes;
+pub mod spiffe;
+
+use std::time::Duration;
+
+use crate::config::SubjectSource;
+use crate::jwt::{self, JwtError};
+use crate::reply::{Code, Failure};
+use crate::secret::Secret;
+
+/// A callout to a platform source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceCall {
+    Http {
+        cluster: String,
+        headers: Vec<(&'static str, String)>,
+        timeout: Duration,
+    },
+    Grpc {
+        cluster: String,
+        service: &'static str,
+        method: &'static str,
+        metadata: Vec<(&'static str, Vec<u8>)>,
+        message: Vec<u8>,
+        timeout: Duration,
+    },
+}
+
+/// What came back from a source callout.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceResponse<'a> {
+    /// `status` is absent when the callout failed (timeout, reset, no cluster).
+    Http { status: Option<u16>, body: &'a [u8] },
+    /// gRPC status code (0 is OK) and the response message.
+    Grpc { status: u32, message: &'a [u8] },
+}
+
+/// A subject token fetched from a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub subject: Secret,
+    /// The token's `exp` in seconds, when it has one.
+    pub exp_s: Option<u64>,
+}
+
+/// Why a source gave no usable token. The message names the source and never the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("could not obtain subject token from {source_name}: {reason}")]
+pub struct SourceError {
+    pub source_name: &'static str,
+    pub reason: String,
+}
+
+impl SourceError {
+    pub fn new(source: &SubjectSource, reason: impl Into<String>) -> Self {
+        SourceError {
+            source_name: source.name(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn failure(&self) -> Failure {
+        Failure::new(Code::SubjectSourceUnavailable, self.to_string())
+    }
+}
+
+/// Largest answer read from a source.
+pub const MAX_SOURCE_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The callout that fetches the gateway's subject token; `None` for the header source.
+pub fn request(source: &SubjectSource) -> Option<SourceCall> {
+    match source {
+        SubjectSource::Header { .. } => None,
+        SubjectSource::Kubernetes {
+            cluster,
+            authority,
+            path,
+            timeout,
+            ..
+        } => Some(kubernetes::request(cluster, authority, path, *timeout)),
+        SubjectSource::GcpMetadata {
+            cluster,
+            authority,
+            audience,
+            timeout,
+        } => Some(gcp_metadata::request(
+            cluster, authority, audience, *timeout,
+        )),
+        SubjectSource::AzureImds {
+            cluster,
+            authority,
+            resource,
+            identity,
+            timeout,
+        } => Some(azure_imds::request(
+            cluster,
+            authority,
+            resource,
+            identity.as_ref(),
+            *timeout,
+        )),
+        SubjectSource::Spiffe {
+            cluster,
+            audience,
+            spiffe_id,
+            timeout,
+        } => Some(spiffe::request(
+            cluster,
+            audience,
+            spiffe_id.as_deref(),
+            *timeout,
+        )),
+    }
+}
+
+/// Reads a source's answer into a subject token that is usable at `now_s`.
+pub fn parse(
+    source: &SubjectSource,
+    response: SourceResponse<'_>,
+    now_s: u64,
+) -> Result<Fetched, SourceError> {
+    let token = match source {
+        SubjectSource::Header { .. } => {
+            return Err(SourceError::new(source, "the header source is not fetched"))
+        }
+        SubjectSource::Kubernetes { .. } => kubernetes::token(source, response)?,
+        SubjectSource::GcpMetadata { .. } => gcp_metadata::token(source, response)?,
+        SubjectSource::AzureImds { .. } => azure_imds::token(source, response)?,
+        SubjectSource::Spiffe { spiffe_id, .. } => {
+            spiffe::token(source, spiffe_id.as_deref(), response)?
+        }
+    };
+    checked(source, token, now_s)
+}
+
+/// Checks that a fetched token is a JWT that has not expired.
+fn checked(source: &SubjectSource, token: String, now_s: u64) -> Result<Fetched, SourceError> {
+    let token = token.trim().to_string();
+    let claims = jwt::inspect(&token).map_err(|e| match e {
+        JwtError::Empty => SourceError::new(source, "the token is empty"),
+        other => SourceError::new(source, format!("the answer is not a usable JWT ({other})")),
+    })?;
+    if claims.exp.is_some_and(|exp| exp <= now_s) {
+        return Err(SourceError::new(source, "the token has already expired"));
+    }
+    Ok(Fetched {
+        subject: Secret::new(token),
+        exp_s: claims.exp,
+    })
+}
+
+/// The body of a successful HTTP answer, or why there is none.
+fn http_body<'a>(
+    source: &SubjectSource,
+    response: SourceResponse<'a>,
+) -> Result<&'a [u8], SourceError> {
+    match response {
+        SourceResponse::Http { status: None, .. } => Err(SourceError::new(
+            source,
+            "no answer (timeout, connection failure or no such cluster)",
+        )),
+        SourceResponse::Http {
+            status: Some(200),
+            body,
+        } => {
+            if body.len() > MAX_SOURCE_RESPONSE_BYTES {
+                Err(SourceError::new(source, "the answer is too large"))
+            } else {
+                Ok(body)
+            }
+        }
+        SourceResponse::Http {
+            status: Some(status),
+            body,
+        } => Err(SourceError::new(
+            source,
+            format!("HTTP {status}{}", detail(body)),
+        )),
+        SourceResponse::Grpc { .. } => Err(SourceError::new(source, "unexpected gRPC answer")),
+    }
+}
+
+/// A short, printable excerpt of an error body, to say why a source refused. Error bodies of
+/// metadata services carry reasons, not tokens; anything that looks like a JWT is dropped.
+fn detail(body: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    let text = text.trim();
+    if text.is_empty() || text.contains("eyJ") {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// Appends `key=value` pairs, URL-encoded, to `path`.
+fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        q.append_pair(k, v);
+    }
+    format!("{path}?{}", q.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwt::tests::make;
+
+    fn gcp() -> SubjectSource {
+        SubjectSource::GcpMetadata {
+            cluster: "gcp".into(),
+            authority: "metadata.google.internal".into(),
+            audience: "aud".into(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn fetched_tokens_must_be_unexpired_jwts() {
+        let s = gcp();
+        let good = make(r#"{"exp":2000}"#);
+        let ok = parse(
+            &s,
+            SourceResponse::Http {
+                status: Some(200),
+                body: format!("{good}\n").as_bytes(),
+            },
+            1000,
+        )
+        .unwrap();
+        assert_eq!(ok.exp_s, Some(2000));
+        assert_eq!(ok.subject.expose(), good);
+        let e = parse(
+            &s,
+            SourceResponse::Http {
+                status: Some(200),
+                body: good.as_bytes(),
+            },
+            2000,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "could not obtain subject token from gcp_metadata: the token has already expired"
+        );
+        let e = parse(
+            &s,
+            SourceResponse::Http {
+                status: Some(200),
+                body: b"",
+            },
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().ends_with("the token is empty"));
+        let e = parse(
+            &s,
+            SourceResponse::Http {
+                status: Some(200),
+                body: b"<html>",
+            },
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a usable JWT"));
+    }
+
+    #[test]
+    fn errors_name_source_and_status_but_never_a_token() {
+        let s = gcp();
+        let e = parse(
+            &s,
+            SourceResponse::Http {
+                status: None,
+                body: b"",
+            },
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("gcp_metadata: no answer"));
+        let e = parse(
+            &s,
+            SourceResponse::Http {
+                status: Some(403),
+                body: b"Missing Metadata-Flavor:Google header.",
+            },
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "could not obtain subject token from gcp_metadata: HTTP 403: Missing Metadata-Flavor:Google header.");
+        let leaky = format!("bad {}", make("{}"));
+        let e = parse(
+            &s,
+            SourceResponse::Http {
+                status: Some(500),
+                body: leaky.as_bytes(),
+            },
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "could not obtain subject token from gcp_metadata: HTTP 500"
+        );
+        assert_eq!(e.failure().code, Code::SubjectSourceUnavailable);
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(
+            with_query("/p", &[("a", "https://x/y z"), ("b", "1")]),
+            "/p?a=https%3A%2F%2Fx%2Fy+z&b=1"
+        );
+    }
+
+    #[test]
+    fn header_source_has_no_callout() {
+        assert_eq!(request(&SubjectSource::Header { header: "x".into() }), None);
+    }
+}
