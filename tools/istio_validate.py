@@ -121,7 +121,7 @@ class Document:
 
     @property
     def label(self) -> str:
-        return f"{self.source}#{self.index}"
+        return f"{_shown_path(self.source)}#{self.index}"
 
     @property
     def kind(self) -> str:
@@ -144,7 +144,12 @@ class Document:
 
     @property
     def ref(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}"
+        return f"{self.kind} {self.namespace}/{self.name} ({_shown_path(self.source)})"
+
+
+def _shown_path(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def load_documents(path: Path) -> list[Document]:
@@ -728,11 +733,22 @@ class Manifests:
                     found.append((ef, patch))
         return found
 
-    def pod_volumes(self) -> list[tuple[Document, dict, dict]]:
-        """(workload document, volume, mount) for volumes mounted into the istio-proxy container,
-        from Deployment patches or the sidecar.istio.io/userVolume annotations."""
+    def applicable(self, plugin: Document, apply_to: str) -> list[tuple[Document, dict]]:
+        """The EnvoyFilter ADD patches that reach the proxies a WasmPlugin runs in."""
+        labels = _labels(plugin.spec.get("selector"))
+        contexts = {"GATEWAY", "ANY"} if self.targets_gateway(plugin) else {"SIDECAR_OUTBOUND", "ANY"}
+        return [(ef, p) for ef, p in self.added(apply_to)
+                if _selects_workload(ef, "workloadSelector", labels, plugin.namespace)
+                and _patch_context(p) in contexts]
+
+    def pod_volumes(self, namespace: str) -> list[tuple[Document, dict, dict]]:
+        """(workload document, volume, mount) for volumes mounted into the istio-proxy container
+        of the namespace's Deployments (patches), directly or with the sidecar.istio.io/userVolume
+        annotations."""
         found = []
         for doc in self.kind("Deployment"):
+            if doc.namespace != namespace:
+                continue
             pod = ((doc.obj.get("spec") or {}).get("template") or {})
             pod_spec = pod.get("spec") or {}
             volumes = {v.get("name"): v for v in pod_spec.get("volumes") or [] if isinstance(v, dict)}
@@ -752,10 +768,6 @@ class Manifests:
                 if name in user_volumes:
                     found.append((doc, {"name": name, **user_volumes[name]}, {"name": name, **mount}))
         return found
-
-
-def _pod_labels(manifests: Manifests, plugin: Document) -> dict:
-    return _labels(plugin.spec.get("selector"))
 
 
 def _tls_mode_for(dr: Document, port: int) -> dict | None:
@@ -818,7 +830,7 @@ def _check_token_file(m: Manifests, plugin: Document, cluster: dict) -> str | No
     """The kubernetes source: the cluster must reach a listener that serves a projected token
     file from a watched directory, and that directory must be a projected token volume."""
     listeners = {}
-    for _, patch in m.added("LISTENER"):
+    for _, patch in m.applicable(plugin, "LISTENER"):
         value = patch["patch"].get("value") or {}
         listeners[value.get("name")] = value
         address = (value.get("address") or {}).get("socket_address") or {}
@@ -837,7 +849,7 @@ def _check_token_file(m: Manifests, plugin: Document, cluster: dict) -> str | No
             if not filename or os.path.dirname(filename) != watched.rstrip("/"):
                 return (f"listener {listener.get('name')} must serve the token with direct_response body "
                         f"{{filename: <dir>/token, watched_directory: {{path: <dir>}}}} (got {body})")
-            for _, volume, mount in m.pod_volumes():
+            for _, volume, mount in m.pod_volumes(plugin.namespace):
                 sources = (volume.get("projected") or {}).get("sources") or []
                 tokens = [s["serviceAccountToken"] for s in sources if isinstance(s, dict) and "serviceAccountToken" in s]
                 if mount.get("mountPath", "").rstrip("/") == watched.rstrip("/") and any(
@@ -849,7 +861,7 @@ def _check_token_file(m: Manifests, plugin: Document, cluster: dict) -> str | No
     return "cluster has no endpoint"
 
 
-def _check_spiffe_socket(m: Manifests, cluster: dict) -> str | None:
+def _check_spiffe_socket(m: Manifests, plugin: Document, cluster: dict) -> str | None:
     options = json.dumps(cluster.get("typed_extension_protocol_options") or {}) + json.dumps(
         cluster.get("http2_protocol_options", None))
     if "http2_protocol_options" not in options:
@@ -858,7 +870,7 @@ def _check_spiffe_socket(m: Manifests, cluster: dict) -> str | None:
         socket = (address.get("pipe") or {}).get("path")
         if not socket:
             return "the Workload API cluster must point at the agent's unix socket (pipe address)"
-        for _, volume, mount in m.pod_volumes():
+        for _, volume, mount in m.pod_volumes(plugin.namespace):
             if (volume.get("csi") or {}).get("driver") == "csi.spiffe.io" and \
                     os.path.dirname(socket) == mount.get("mountPath", "").rstrip("/"):
                 return None
@@ -868,25 +880,21 @@ def _check_spiffe_socket(m: Manifests, cluster: dict) -> str | None:
 
 def _check_added_cluster(m: Manifests, plugin: Document, name: str, source: str | None) -> Finding:
     subject = f"{plugin.ref} cluster {name}"
-    labels = _pod_labels(m, plugin)
-    wanted_contexts = {"GATEWAY", "ANY"} if m.targets_gateway(plugin) else {"SIDECAR_OUTBOUND", "ANY"}
     candidates = [(ef, p) for ef, p in m.added("CLUSTER") if (p["patch"].get("value") or {}).get("name") == name]
     if not candidates:
         return Finding(False, subject, "neither an Istio outbound|<port>||<host> cluster nor added by an EnvoyFilter")
-    applicable = [(ef, p) for ef, p in candidates
-                  if _selects_workload(ef, "workloadSelector", labels, plugin.namespace)
-                  and _patch_context(p) in wanted_contexts]
+    applicable = [(ef, p) for ef, p in m.applicable(plugin, "CLUSTER") if (ef, p) in candidates]
     if not applicable:
         where = ", ".join(ef.ref for ef, _ in candidates)
-        return Finding(False, subject, f"added by {where}, but not for the workloads this plugin selects "
-                                       f"(namespace, workloadSelector or context {'/'.join(sorted(wanted_contexts))})")
+        return Finding(False, subject, f"added by {where}, but not for the proxies this plugin selects "
+                                       "(namespace, workloadSelector or match.context differ)")
     ef, patch = applicable[0]
     value = patch["patch"]["value"]
     problem = None
     if source == "kubernetes":
         problem = _check_token_file(m, plugin, value)
     elif source == "spiffe":
-        problem = _check_spiffe_socket(m, value)
+        problem = _check_spiffe_socket(m, plugin, value)
     if problem:
         return Finding(False, subject, f"added by {ef.ref}, but {problem}")
     return Finding(True, subject, f"added by {ef.ref}")
@@ -1033,18 +1041,28 @@ def find_envoy() -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which("envoy")
 
 
-def envoy_check(docs: list[Document], envoy: str) -> Finding:
-    with tempfile.TemporaryDirectory(prefix="istio-validate-") as tmp:
-        bootstrap = envoy_bootstrap(docs, Path(tmp))
-        count = sum(len(v) for v in bootstrap["static_resources"].values())
-        config = Path(tmp) / "bootstrap.json"
-        config.write_text(json.dumps(bootstrap))
-        proc = subprocess.run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "error",
-                               "--use-dynamic-base-id"], capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        return Finding(False, "EnvoyFilter patches", f"Envoy rejects them: {(proc.stdout + proc.stderr).strip()[-2000:]}")
-    return Finding(True, "EnvoyFilter patches", f"Envoy loads the {count} added listeners/clusters (--mode validate)")
+def envoy_check(docs: list[Document], envoy: str) -> list[Finding]:
+    """One Envoy per set of proxies: the EnvoyFilters with the same namespace and workload selector
+    are what one proxy receives together."""
+    groups: dict[tuple, list[Document]] = defaultdict(list)
+    for ef in Manifests(docs).kind("EnvoyFilter"):
+        groups[(ef.namespace, tuple(sorted(_labels(ef.spec.get("workloadSelector")).items())))].append(ef)
+    findings = []
+    for (namespace, labels), filters in sorted(groups.items()):
+        subject = f"EnvoyFilter patches for {namespace} {dict(labels)} ({', '.join(f.label for f in filters)})"
+        with tempfile.TemporaryDirectory(prefix="istio-validate-") as tmp:
+            bootstrap = envoy_bootstrap(filters, Path(tmp))
+            count = sum(len(v) for v in bootstrap["static_resources"].values())
+            config = Path(tmp) / "bootstrap.json"
+            config.write_text(json.dumps(bootstrap))
+            proc = subprocess.run([envoy, "--mode", "validate", "-c", str(config), "--log-level", "error",
+                                   "--use-dynamic-base-id"], capture_output=True, text=True, timeout=120,
+                                  stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            findings.append(Finding(False, subject, f"Envoy rejects them: {(proc.stdout + proc.stderr).strip()[-2000:]}"))
+        else:
+            findings.append(Finding(True, subject, f"Envoy loads the {count} added listeners/clusters (--mode validate)"))
+    return findings
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -1078,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     envoy = args.envoy or find_envoy()
     if any(d.kind == "EnvoyFilter" for d in docs):
         if envoy:
-            findings.append(envoy_check(docs, envoy))
+            findings.extend(envoy_check(docs, envoy))
         else:
             print("skipped: no envoy binary: EnvoyFilter patches not loaded by Envoy")
     for result in results:
