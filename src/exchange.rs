@@ -75,7 +75,12 @@ impl ExchangeError {
     pub fn failure(&self) -> Failure {
         let code = match self {
             ExchangeError::NoResponse => Code::TokenEndpointUnavailable,
-            ExchangeError::Status { status: 429, .. } => Code::TokenEndpointUnavailable,
+            // Rate limiting and an unreachable or overloaded endpoint (Envoy answers 503 itself
+            // when the connection fails) are "try later", not a refusal.
+            ExchangeError::Status {
+                status: 429 | 502 | 503 | 504,
+                ..
+            } => Code::TokenEndpointUnavailable,
             ExchangeError::Status { .. } | ExchangeError::Malformed(_) => Code::TokenExchangeFailed,
         };
         Failure::new(code, format!("OpenAI token exchange failed: {self}"))
@@ -281,6 +286,8 @@ mod tests {
         let e =
             parse_response(Some("429"), Some("Wed, 21 Oct 2015 07:28:00 GMT"), None).unwrap_err();
         assert_eq!(e.retry_after_s(), None);
+        let e = parse_response(Some("503"), None, None).unwrap_err();
+        assert_eq!(e.failure().code, Code::TokenEndpointUnavailable);
         let e = parse_response(Some("500"), None, Some(b"{}")).unwrap_err();
         assert_eq!(e.failure().code, Code::TokenExchangeFailed);
         assert_eq!(
