@@ -942,8 +942,12 @@ def check_plugin_config(m: Manifests) -> list[Finding]:
             problems.append("an OCI plugin must be pinned with sha256 (the image manifest digest)")
         if spec.get("failStrategy") != "FAIL_CLOSE":
             problems.append("failStrategy must be FAIL_CLOSE (never forward requests without credentials)")
+        pinned = "pinned"
+        if set(str(spec.get("sha256", ""))) == {"0"}:
+            pinned = ("pinned to the placeholder digest (Istio will refuse the image until you run "
+                      "python -m tools.oci_image --module ... --out target/oci-image --pin istio)")
         findings.append(Finding(not problems, plugin.ref, "; ".join(problems) or
-                                f"source {source}, pinned, fail closed, hosts {config.get('hosts')}"))
+                                f"source {source}, {pinned}, fail closed, hosts {config.get('hosts')}"))
     return findings
 
 
