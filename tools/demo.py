@@ -32,8 +32,10 @@ SUBJECT_HEADER = envoy_config.SUBJECT_HEADER
 class Checks:
     def __init__(self):
         self.failed: list = []
+        self.count = 0
 
     def expect(self, condition: bool, what: str) -> bool:
+        self.count += 1
         if not condition:
             self.failed.append(what)
             print(f"  ✗ {what}")
@@ -116,6 +118,7 @@ def run(workdir: Path) -> int:
         checks.expect(openai.exchanges == 1, f"exactly one token exchange (saw {openai.exchanges})")
         checks.expect(len(api) == 2 and all((a or "").startswith("Bearer oaiwif_") for _, a, _ in api),
                       "the API saw the exchanged access token on both requests")
+        checks.expect(len(api) == 2 and api[0][1] == api[1][1], "both requests carried the same (cached) access token")
         checks.expect(not saw_placeholder, "the API never saw the placeholder API key")
         checks.expect(not saw_subject, "the API never saw the subject token")
         checks.expect(stats.get("exchanges_ok") == 1, f"filter counted 1 exchange (exchanges_ok={stats.get('exchanges_ok')})")
@@ -124,7 +127,7 @@ def run(workdir: Path) -> int:
             print(f"FAILED: {len(checks.failed)} check(s). Gateway log: {envoy.log_path}")
             print(envoy.log_tail(20))
             return 1
-        print(f"  all 7 passed in {time.monotonic() - started:.1f} s")
+        print(f"  all {checks.count} passed in {time.monotonic() - started:.1f} s")
         return 0
     finally:
         if envoy is not None:
