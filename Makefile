@@ -41,8 +41,9 @@ lint: setup ## cargo fmt --check and clippy -D warnings
 	cargo clippy --release --target $(TARGET) -- -D warnings
 
 .PHONY: unit
-unit: setup ## Unit tests of the pure logic (host)
+unit: setup ## Unit tests of the pure logic, on the host and again as wasm32-wasip1 under wasmtime
 	cargo test
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(PY) tools/wasm_runner.py" cargo test --target $(TARGET)
 
 .PHONY: validate
 validate: build ## Offline checks: Envoy configs, Istio manifests, OCI image layout
