@@ -441,7 +441,7 @@ def _kw_cel_rules(validator, rules, instance, schema):
         message = rule.get("message") or f"failed rule: {' '.join(text.split())}"
         try:
             result = program.evaluate(activation)
-        except celpy.CELEvalError as exc:
+        except Exception as exc:  # CELEvalError, or a Python error inside cel-python: the rule fails
             cause = exc.args[0] if exc.args else exc
             yield ValidationError(f'{where}: Invalid value: "{shown_type}": {cause} evaluating rule: {message}')
             continue
