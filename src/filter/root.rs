@@ -581,6 +581,15 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl Context for Root {
+    fn on_done(&mut self) -> bool {
+        // The VM is going away and its callouts with it: give their leases back so another
+        // worker fetches now rather than after the deadline.
+        for job in std::mem::take(&mut self.jobs).into_values() {
+            let _ = lease::release(&Shared, &job.identity, self.vm.owner);
+        }
+        true
+    }
+
     fn on_http_call_response(
         &mut self,
         token: u32,
@@ -610,8 +619,11 @@ impl RootContext for Root {
         };
         match self.configure(&bytes) {
             Ok(()) => {
-                self.maintain_gateway();
-                self.adjust_tick();
+                // The first tick warms the gateway's token up. Not from here: Envoy also
+                // configures short-lived VMs (e.g. to check a configuration) whose callouts die
+                // with them.
+                host::set_tick_period(FAST_TICK);
+                self.tick = Some(FAST_TICK);
                 true
             }
             Err(e) => {
