@@ -18,6 +18,8 @@ help: ## List the targets
 .PHONY: setup
 setup: $(STAMP) ## Install what the build and tests need (wasm target, Python venv with Envoy)
 	@rustup target list --installed | grep -qx $(TARGET) || rustup target add $(TARGET)
+	@command -v skopeo >/dev/null || (apt-get update -qq && apt-get install -y -qq skopeo >/dev/null) \
+	  || echo "note: skopeo (Debian package) is missing; the OCI image check in make validate needs it"
 
 $(STAMP): tests/requirements.txt
 	python3 -m venv $(VENV)
@@ -52,6 +54,10 @@ validate: build ## Offline checks: Envoy configs, Istio manifests, OCI image lay
 .PHONY: image
 image: build ## Write the OCI image layout for Istio's WasmPlugin to target/oci-image
 	$(PY) -m tools.oci_image --module $(MODULE) --out target/oci-image
+
+.PHONY: pin
+pin: build ## Pin the WasmPlugins in istio/ to the image built from this module
+	$(PY) -m tools.oci_image --module $(MODULE) --out target/oci-image --pin istio
 
 .PHONY: e2e
 e2e: build ## End-to-end tests through a real Envoy
