@@ -121,6 +121,47 @@ impl Record {
     }
 }
 
+/// How long a record with nothing usable left is kept before it may be cleared.
+pub const SWEEP_GRACE_MS: u64 = 5 * 60 * 1000;
+
+impl Record {
+    /// True when the record holds nothing a request could use or learn from: no unexpired token
+    /// and no backoff in force, for at least [`SWEEP_GRACE_MS`].
+    pub fn is_spent(&self, now_ms: u64) -> bool {
+        let token_done = self
+            .token
+            .as_ref()
+            .is_none_or(|t| t.expires_at_ms.saturating_add(SWEEP_GRACE_MS) <= now_ms);
+        let failure_done = self
+            .failure
+            .as_ref()
+            .is_none_or(|f| f.retry_at_ms.saturating_add(SWEEP_GRACE_MS) <= now_ms);
+        token_done && failure_done
+    }
+}
+
+/// Empties the value under `key` if it is a spent [`Record`]. Envoy's shared data has no delete,
+/// so the key stays, but a per-request identity whose subject rotated away no longer holds a
+/// token's worth of memory. Returns whether it cleared the value.
+pub fn clear_if_spent(store: &dyn SharedStore, key: &str, now_ms: u64) -> Result<bool, StoreError> {
+    let Some((bytes, cas)) = store.get(key)? else {
+        return Ok(false);
+    };
+    if bytes.is_empty() {
+        return Ok(false);
+    }
+    let spent = serde_json::from_slice::<Record>(&bytes).map_or(true, |r| r.is_spent(now_ms));
+    if !spent {
+        return Ok(false);
+    }
+    match store.set(key, b"", Some(cas)) {
+        Ok(()) => Ok(true),
+        // Someone wrote a fresh record meanwhile: it is not spent.
+        Err(StoreError::CasMismatch) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The gateway's subject token, fetched from its platform source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubjectRecord {
@@ -309,6 +350,33 @@ mod tests {
         assert_eq!(back, Record::succeeded(token(1, 2)));
         let none = update(&s, &key, |_: Option<&Record>| None).unwrap();
         assert!(none.is_none());
+    }
+
+    #[test]
+    fn only_spent_records_are_cleared() {
+        let s = MemoryStore::default();
+        let live = Record::succeeded(token(100, 200));
+        s.set("live", &serde_json::to_vec(&live).unwrap(), None)
+            .unwrap();
+        assert!(!clear_if_spent(&s, "live", NOW + 199).unwrap());
+        assert!(!clear_if_spent(&s, "live", NOW + 200 + SWEEP_GRACE_MS - 1).unwrap());
+        assert!(clear_if_spent(&s, "live", NOW + 200 + SWEEP_GRACE_MS).unwrap());
+        assert_eq!(s.get("live").unwrap().unwrap().0, b"");
+        assert!(
+            !clear_if_spent(&s, "live", NOW + 10 * SWEEP_GRACE_MS).unwrap(),
+            "already empty"
+        );
+        assert!(!clear_if_spent(&s, "missing", NOW).unwrap());
+        let failing = Record::failed(None, failure(), NOW, Some(300), 0);
+        s.set("failing", &serde_json::to_vec(&failing).unwrap(), None)
+            .unwrap();
+        assert!(
+            !clear_if_spent(&s, "failing", NOW + SWEEP_GRACE_MS).unwrap(),
+            "backoff still in force"
+        );
+        assert!(clear_if_spent(&s, "failing", NOW + 300_000 + SWEEP_GRACE_MS).unwrap());
+        s.set("garbage", b"\x01", None).unwrap();
+        assert!(clear_if_spent(&s, "garbage", NOW).unwrap());
     }
 
     /// A store whose value changes under the first write, as when another worker writes.

@@ -17,7 +17,8 @@
 //! waiting on this VM for tokens fetched by other workers, takes over leases whose owner is
 //! gone, and (for platform sources) refreshes the gateway's token before it is needed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound::{Excluded, Unbounded};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -45,6 +46,9 @@ const SLOW_TICK: Duration = Duration::from_millis(250);
 /// Lifetime assumed for a platform subject token without `exp`.
 const SUBJECT_DEFAULT_LIFETIME_MS: u64 = 300_000;
 const MAX_CONFIGURATION_BYTES: usize = 64 * 1024;
+/// How often spent cache records written by this VM are looked for, and how many per pass.
+const SWEEP_EVERY_MS: u64 = 60_000;
+const SWEEP_BATCH: usize = 256;
 
 enum Stage {
     /// Fetching the gateway's subject token; then exchange it, or (a periodic re-read) stop.
@@ -72,6 +76,11 @@ pub struct Root {
     /// In-flight callouts by token.
     jobs: BTreeMap<u32, Job>,
     tick: Option<Duration>,
+    /// Identities whose cache record this VM wrote, to clear once spent (see `sweep`).
+    written: BTreeSet<IdentityKey>,
+    /// Where the next sweep batch starts, when the set is larger than one batch.
+    sweep_cursor: Option<IdentityKey>,
+    next_sweep_ms: u64,
 }
 
 impl Root {
@@ -83,6 +92,9 @@ impl Root {
             gateway: None,
             jobs: BTreeMap::new(),
             tick: None,
+            written: BTreeSet::new(),
+            sweep_cursor: None,
+            next_sweep_ms: 0,
         }
     }
 
@@ -375,6 +387,7 @@ impl Root {
     }
 
     fn succeed(&mut self, identity: IdentityKey, token: CachedToken) {
+        self.written.insert(identity.clone());
         let written = cache::update(
             &Shared,
             &cache::token_key(&identity),
@@ -393,6 +406,7 @@ impl Root {
     }
 
     fn fail(&mut self, identity: IdentityKey, failure: Failure, retry_after_s: Option<u64>) {
+        self.written.insert(identity.clone());
         let now = host::now_ms();
         let jitter = host::jitter();
         let written = cache::update(
@@ -533,6 +547,42 @@ impl Root {
         }
     }
 
+    /// Per-request identities come and go (a workload's token rotates, a pod leaves); their
+    /// records would stay in shared data for good. Records this VM wrote that are spent are
+    /// emptied, a batch per minute.
+    fn sweep(&mut self, now: u64) {
+        if now < self.next_sweep_ms {
+            return;
+        }
+        self.next_sweep_ms = now + SWEEP_EVERY_MS;
+        let batch: Vec<IdentityKey> = match self.sweep_cursor.take() {
+            Some(after) => self
+                .written
+                .range((Excluded(after), Unbounded))
+                .take(SWEEP_BATCH)
+                .cloned()
+                .collect(),
+            None => self.written.iter().take(SWEEP_BATCH).cloned().collect(),
+        };
+        if batch.len() == SWEEP_BATCH {
+            self.sweep_cursor = batch.last().cloned();
+        }
+        let mut cleared = 0;
+        for identity in batch {
+            match cache::clear_if_spent(&Shared, &cache::token_key(&identity), now) {
+                Ok(true) => {
+                    cleared += 1;
+                    self.written.remove(&identity);
+                }
+                Ok(false) => {}
+                Err(e) => log::debug!("openai_wif: sweep of {} failed: {e}", identity.short()),
+            }
+        }
+        if cleared > 0 {
+            log::debug!("openai_wif: cleared {cleared} spent cache records");
+        }
+    }
+
     fn adjust_tick(&mut self) {
         let want = if self.vm.has_waiters() {
             FAST_TICK
@@ -634,6 +684,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.sweep(host::now_ms());
         self.poll_waiters();
         self.maintain_gateway();
         self.adjust_tick();
