@@ -55,6 +55,10 @@ validate: build ## Offline checks: Envoy configs, Istio manifests, OCI image lay
 image: build ## Write the OCI image layout for Istio's WasmPlugin to target/oci-image
 	$(PY) -m tools.oci_image --module $(MODULE) --out target/oci-image
 
+.PHONY: bench
+bench: build ## Benchmarks: the filter against the same gateway without it; writes BENCHMARKS.md
+	$(PY) -m bench.run
+
 .PHONY: pin
 pin: build ## Pin the WasmPlugins in istio/ to the image built from this module
 	$(PY) -m tools.oci_image --module $(MODULE) --out target/oci-image --pin istio
