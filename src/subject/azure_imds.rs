@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{http_body, with_query, SourceCall, SourceError, SourceResponse};
+use super::{get, http_body, with_query, SourceCall, SourceError, SourceResponse};
 use crate::config::{AzureIdentity, SubjectSource};
 
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
@@ -28,16 +28,13 @@ pub(super) fn request(
         Some(AzureIdentity::MsiResId(v)) => query.push(("msi_res_id", v)),
         None => {}
     }
-    SourceCall::Http {
-        cluster: cluster.to_string(),
-        headers: vec![
-            (":method", "GET".into()),
-            (":path", with_query(TOKEN_PATH, &query)),
-            (":authority", authority.to_string()),
-            ("metadata", "true".into()),
-        ],
+    get(
+        cluster,
+        authority,
+        with_query(TOKEN_PATH, &query),
+        Some(("metadata", "true")),
         timeout,
-    }
+    )
 }
 
 #[derive(Deserialize)]

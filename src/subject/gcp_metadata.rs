@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use super::{http_body, with_query, SourceCall, SourceError, SourceResponse};
+use super::{get, http_body, with_query, SourceCall, SourceError, SourceResponse};
 use crate::config::SubjectSource;
 
 const IDENTITY_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/identity";
@@ -17,19 +17,14 @@ pub(super) fn request(
     audience: &str,
     timeout: Duration,
 ) -> SourceCall {
-    SourceCall::Http {
-        cluster: cluster.to_string(),
-        headers: vec![
-            (":method", "GET".into()),
-            (
-                ":path",
-                with_query(IDENTITY_PATH, &[("audience", audience), ("format", "full")]),
-            ),
-            (":authority", authority.to_string()),
-            ("metadata-flavor", "Google".into()),
-        ],
+    let path = with_query(IDENTITY_PATH, &[("audience", audience), ("format", "full")]);
+    get(
+        cluster,
+        authority,
+        path,
+        Some(("metadata-flavor", "Google")),
         timeout,
-    }
+    )
 }
 
 pub(super) fn token(

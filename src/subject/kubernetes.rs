@@ -6,19 +6,11 @@
 
 use std::time::Duration;
 
-use super::{http_body, SourceCall, SourceError, SourceResponse};
+use super::{get, http_body, SourceCall, SourceError, SourceResponse};
 use crate::config::SubjectSource;
 
 pub(super) fn request(cluster: &str, authority: &str, path: &str, timeout: Duration) -> SourceCall {
-    SourceCall::Http {
-        cluster: cluster.to_string(),
-        headers: vec![
-            (":method", "GET".into()),
-            (":path", path.to_string()),
-            (":authority", authority.to_string()),
-        ],
-        timeout,
-    }
+    get(cluster, authority, path.to_string(), None, timeout)
 }
 
 pub(super) fn token(

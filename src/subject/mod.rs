@@ -207,6 +207,29 @@ fn detail(body: &[u8]) -> String {
     }
 }
 
+/// A GET to a platform source: the shape every HTTP source shares.
+fn get(
+    cluster: &str,
+    authority: &str,
+    path: String,
+    extra: Option<(&'static str, &str)>,
+    timeout: Duration,
+) -> SourceCall {
+    let mut headers = vec![
+        (":method", "GET".to_string()),
+        (":path", path),
+        (":authority", authority.to_string()),
+    ];
+    if let Some((name, value)) = extra {
+        headers.push((name, value.to_string()));
+    }
+    SourceCall::Http {
+        cluster: cluster.to_string(),
+        headers,
+        timeout,
+    }
+}
+
 /// Appends `key=value` pairs, URL-encoded, to `path`.
 fn with_query(path: &str, pairs: &[(&str, &str)]) -> String {
     let mut q = form_urlencoded::Serializer::new(String::new());
