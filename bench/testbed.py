@@ -1,0 +1,98 @@
+"""What the benchmarks run against: the stand-ins, a fast upstream, and gateways with and without the filter.
+
+    with Testbed(workdir) as bed:
+        filtered = bed.gateway("header")                    # the filter, header source
+        plain = bed.gateway("header", with_filter=False)    # the same configuration without it
+
+Every gateway is `tests.harness.Stack`: `tools.envoy_config.render("local", source, ...)`, with
+`--concurrency 2`, its `openai_api` cluster pointed at the fast upstream (bench.upstream) and its
+`openai_auth` cluster at the Python OpenAI stand-in (used only when a token is exchanged). Access
+logs are off in both variants (they would cost the same in both and only add noise).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tests.harness import Envoy, Stack
+from tests.standins import Standins
+
+from . import upstream
+
+HOST = "api.openai.com"
+PATH = "/v1/models"
+STATIC_KEY = "Bearer sk-bench-static-key"  # what a client without the filter sends
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Testbed:
+    def __init__(self, workdir):
+        self.workdir = Path(workdir)
+        self.standins: Standins | None = None
+        self.upstream: Envoy | None = None
+        self.stacks: dict = {}
+
+    def start(self) -> "Testbed":
+        self.standins = Standins.start_all(self.workdir / "standins")
+        self.upstream = Envoy(upstream.render(), self.workdir / "upstream", log_level="warning", name="upstream",
+                              concurrency=1).start()
+        return self
+
+    def stop(self):
+        for stack in self.stacks.values():
+            stack.stop()
+        self.stacks = {}
+        if self.upstream is not None:
+            self.upstream.stop()
+            self.upstream = None
+        if self.standins is not None:
+            self.standins.stop_all()
+            self.standins = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def openai(self):
+        """The Python OpenAI stand-in (token endpoint): counts the exchanges."""
+        return self.standins.openai
+
+    def gateway(self, source: str, with_filter: bool = True) -> Stack:
+        """A started gateway for source (started once, then reused)."""
+        key = (source, with_filter)
+        if key not in self.stacks:
+            name = f"{source}-{'filter' if with_filter else 'baseline'}"
+            stack = Stack(source, self.workdir / name, standins=self.standins, with_filter=with_filter,
+                          log_level="warning", name="gateway", api_port=self.upstream.port, access_log=False)
+            self.stacks[key] = stack.start()
+        return self.stacks[key]
+
+    def subject_token(self, name: str) -> str:
+        """A subject token (header source) for one workload identity, valid for an hour."""
+        return self.standins.subject_token(f"system:serviceaccount:default:{name}")
+
+    def warm(self, stack: Stack, headers: dict | None = None, timeout_s: float = 15.0):
+        """Wait until a request through stack succeeds (for the filter: its token is cached)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            response = stack.request("GET", PATH, host=HOST, headers=headers)
+            if response.status == 200:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{stack.source} gateway never answered 200 while warming up: {response!r}\n"
+                                 f"{stack.envoy.log_tail(20)}")
+            time.sleep(0.1)
