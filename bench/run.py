@@ -1,0 +1,92 @@
+"""`make bench` / `python -m bench.run`: run every benchmark and (re)write BENCHMARKS.md.
+
+Starts the stand-ins, a fast upstream Envoy and the gateways (with and without the filter) on
+loopback, measures each scenario (bench.scenarios), and writes the report only if every measured
+run was valid: any failed request, cache miss or unexpected token exchange in a measured run makes
+the whole benchmark fail (exit status 1) and leaves BENCHMARKS.md as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.harness import EnvoyError, ModuleMissing, module_path
+
+from . import machine, report, scenarios, wrk
+from .load import Load
+from .testbed import BenchError, Testbed
+
+DEFAULT_OUT = machine.REPO / "BENCHMARKS.md"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=3, help="alternating runs per variant (default 3)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each run (default 2)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
+    parser.add_argument("--burst", type=int, default=200, help="requests per cold single-flight burst (default 200)")
+    parser.add_argument("--bursts", type=int, default=10, help="cold single-flight repetitions (default 10)")
+    parser.add_argument("--identities", type=int, default=100, help="identities in the many-identities run (default 100)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report to write (default BENCHMARKS.md)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run (1 repetition of 2 s); prints the report instead of writing it")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.reps, args.duration, args.warmup, args.bursts = 1, 2.0, 1.0, 1
+        if "--out" not in (argv or []):
+            args.out = None
+    return args
+
+
+def measure(args, workdir: Path) -> report.Results:
+    with Testbed(workdir) as bed:
+        load = Load(workdir, bed.openai, bed.upstream, connections=args.connections, duration_s=args.duration,
+                    warmup_s=args.warmup, reps=args.reps)
+        single = Load(workdir, bed.openai, bed.upstream, connections=1, duration_s=max(1.0, args.duration / 2),
+                      warmup_s=min(1.0, args.warmup), reps=args.reps)
+        results = report.Results()
+        results.warm_header = scenarios.warm_path_header(bed, load)
+        results.one_connection = scenarios.warm_path_header(
+            bed, single, "Warm path, header source, one connection (latency without queueing)", "warm-header-c1")
+        results.warm_gateway = scenarios.warm_path_gateway(bed, load)
+        results.cold = scenarios.cold_single_flight(bed, args.burst, args.bursts)
+        results.identities = scenarios.many_identities(bed, load, args.identities)
+        return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    try:
+        module_path()
+        wrk.ensure_installed()
+        host = machine.describe()
+        print(f"{host.cpus} CPUs ({host.cpu_model}), {host.envoy}, {host.wrk}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="openai-wif-bench-") as workdir:
+            results = measure(args, Path(workdir))
+    except ModuleMissing as missing:
+        print(f"error: {missing}")
+        return 1
+    except (BenchError, EnvoyError, wrk.WrkError) as error:
+        print(f"\nINVALID: {error}\nThe benchmark failed; BENCHMARKS.md was not changed.")
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything stopped")
+        return 130
+    elapsed = time.monotonic() - started
+    text = report.render(results, host, args, elapsed)
+    if args.out is None:
+        print("\n" + text)
+    else:
+        args.out.write_text(text)
+        print(f"\nwrote {args.out} ({elapsed:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
