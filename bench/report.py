@@ -120,11 +120,11 @@ def render(results: Results, host, args, elapsed_s: float) -> str:
         "the gateway's share of a contended machine. *Gateway CPU per request* (user + system time of the "
         "gateway process during the run, from `/proc/<pid>/stat`, divided by the requests) does not depend "
         "on that share and is the most direct measure of the filter's cost.",
-        "- **Validity.** A run counts only if every request was answered 2xx (wrk's socket errors and "
-        "statuses ≥ 400 are zero) and, with the filter, the filter stayed on its warm path (its `cache_hit` "
-        "counter grew by at least the number of requests, `cache_miss` and `requests_denied` did not move, "
-        "the token endpoint saw no exchange). Otherwise `bench.run` prints INVALID, exits 1 and leaves this "
-        "file as it was.",
+        "- **Validity.** A run counts only if every request was answered 2xx: wrk saw no socket error and no "
+        "status ≥ 400, and the upstream's own counters show at least as many 2xx answers and no other status. "
+        "With the filter, it must also have stayed on its warm path: its `cache_hit` counter grew by at least "
+        "the number of requests, `cache_miss` and `requests_denied` did not move, and the token endpoint saw no "
+        "exchange. Otherwise `bench.run` prints INVALID, exits 1 and leaves this file as it was.",
         "",
         "## Results",
         "",
