@@ -68,12 +68,19 @@ def cold(c) -> str:
         f"(counted by the token endpoint and by the filter), while a median of {waited:.0f} of the {c.n} "
         f"requests found no token and waited for it.",
         f"- **Cold cost.** The cold burst took {cold_ms:.0f} ms against {warm_ms:.0f} ms once cached "
-        f"(×{c.ratio:.2f}, {cold_ms - warm_ms:+.0f} ms). The extra time is one exchange at the Python token "
-        f"endpoint (≈{direct:.1f} ms when called directly, longer while it shares the two cores with the "
-        f"burst) and, for requests paused on the worker that did not run the exchange, up to one 10 ms tick "
-        f"of their root context before they resume. Both times include the Python client reading "
-        f"{c.n} responses; the cold/cached ratio is the number to compare, not the absolute milliseconds. A "
-        f"real token endpoint over the internet adds its own round trip once per identity and token lifetime.",
+        f"(×{c.ratio:.2f}, {cold_ms - warm_ms:+.0f} ms). " + (
+            f"That is within the spread of the cached bursts ({min(c.warm_s) * 1000:.0f}–{max(c.warm_s) * 1000:.0f} "
+            f"ms): the one exchange (≈{direct:.1f} ms at the Python token endpoint when called directly) and "
+            f"the resumption of the waiting requests take less time than the gateway and the Python client "
+            f"need to answer and read {c.n} requests, so a cold identity is not measurably slower here. "
+            if cold_ms <= max(c.warm_s) * 1000 else
+            f"The extra time is one exchange at the Python token endpoint (≈{direct:.1f} ms when called "
+            f"directly, longer while it shares the two cores with the burst) and, for requests paused on the "
+            f"worker that did not run the exchange, up to one 10 ms tick of their root context before they "
+            f"resume. ") +
+        f"Both times include the Python client reading {c.n} responses; compare the ratio, not the absolute "
+        f"milliseconds. A real token endpoint over the internet adds its own round trip, once per identity "
+        f"and token lifetime.",
         f"- Per-burst times vary (cold: {', '.join(f'{v * 1000:.0f}' for v in c.cold_s)} ms); the medians "
         f"are what the table shows.",
     ])
