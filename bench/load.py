@@ -3,7 +3,8 @@
 A variant is one gateway plus the requests a client sends to it. `alternate` runs the variants in
 turn (A, B, A, B, ...), each run preceded by an unmeasured warm-up run, so slow drift of the machine
 affects every variant alike. Besides wrk's numbers, each run records the CPU time the gateway Envoy
-used, which stays meaningful when the load generator and the upstream share its two cores.
+used, which stays meaningful when the load generator and the upstream share its two cores, and how
+much CPU processes outside the benchmark took meanwhile (the machine may be shared).
 
 A run is valid only if every request got a 2xx answer: wrk counts no socket error and no status >= 400,
 and the upstream's own counters show at least as many 2xx answers and no other status (it answers
@@ -15,11 +16,12 @@ raises `InvalidRun`.
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import wrk
-from .testbed import PATH, BenchError, cpu_seconds
+from .testbed import PATH, BenchError, cpu_seconds, machine_busy_seconds
 from .upstream import STAT_PREFIX as UPSTREAM_STATS
 
 
@@ -39,6 +41,9 @@ class Variant:
 class Sample:
     result: wrk.Result
     gateway_cpu_s: float
+    # CPUs kept busy by processes the benchmark did not start, on average over the run (approximate:
+    # machine-wide user + system time minus the benchmark's own processes).
+    others_cores: float = 0.0
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -51,6 +56,7 @@ METRICS = {
     "p90_ms": lambda s: s.result.p90_ms,
     "p99_ms": lambda s: s.result.p99_ms,
     "cpu_us": lambda s: s.cpu_us_per_request,
+    "others_cores": lambda s: s.others_cores,
 }
 
 
@@ -70,8 +76,7 @@ class Series:
 @dataclass
 class Load:
     workdir: Path
-    openai: object  # the OpenAI stand-in: its exchange counter must not move during warm runs
-    upstream: object  # the fast upstream Envoy (bench.upstream): its answers by status class
+    testbed: object  # bench.testbed.Testbed
     connections: int = 16
     duration_s: float = 10.0
     warmup_s: float = 2.0
@@ -88,7 +93,8 @@ class Load:
                 r = sample.result
                 print(f"  {scenario} [{rep}/{self.reps}] {variant.label:<22} {r.rps:9.0f} req/s  "
                       f"p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  gateway CPU "
-                      f"{sample.cpu_us_per_request:6.1f} us/req  ({r.requests} requests, all 2xx)", flush=True)
+                      f"{sample.cpu_us_per_request:6.1f} us/req  ({r.requests} requests, all 2xx; other processes "
+                      f"{sample.others_cores * 100:.0f} % of a CPU)", flush=True)
         return series
 
     def _script_path(self, scenario: str, variant: Variant) -> Path:
@@ -99,7 +105,7 @@ class Load:
         return path
 
     def _upstream_answers(self) -> dict:
-        stats = self.upstream.stats(f"http.{UPSTREAM_STATS}")
+        stats = self.testbed.upstream.stats(f"http.{UPSTREAM_STATS}")
         return {f"{c}xx": stats.get(f"downstream_rq_{c}xx", 0) for c in range(1, 6)}
 
     def measure(self, scenario: str, variant: Variant) -> Sample:
@@ -110,21 +116,25 @@ class Load:
             warmup = wrk.run(url, script, self.connections, self.warmup_s, self.threads)
             if warmup.problem():
                 raise InvalidRun(f"{what}: warm-up run: {warmup.problem()}\n{variant.stack.envoy.log_tail(10)}")
-        exchanges_before = self.openai.exchanges
+        openai = self.testbed.openai
+        exchanges_before = openai.exchanges
         upstream_before = self._upstream_answers()
         stats_before = variant.stack.stats() if variant.filtered else {}
         pid = variant.stack.envoy.process.pid
         cpu_before = cpu_seconds(pid)
+        machine_before, own_before, wall_before = machine_busy_seconds(), self.testbed.own_cpu_seconds(), time.monotonic()
         result = wrk.run(url, script, self.connections, self.duration_s, self.threads)
         cpu = cpu_seconds(pid) - cpu_before
+        others = (machine_busy_seconds() - machine_before) - (self.testbed.own_cpu_seconds() - own_before)
+        others_cores = max(0.0, others) / (time.monotonic() - wall_before)
         problem = result.problem()
         if problem:
             raise InvalidRun(f"{what}: {problem}\n{variant.stack.envoy.log_tail(10)}")
         upstream = {k: v - upstream_before[k] for k, v in self._upstream_answers().items()}
         if upstream["2xx"] < result.requests or any(n for k, n in upstream.items() if k != "2xx"):
             raise InvalidRun(f"{what}: wrk counted {result.requests} good answers, the upstream answered {upstream}")
-        if self.openai.exchanges != exchanges_before:
-            raise InvalidRun(f"{what}: {self.openai.exchanges - exchanges_before} token exchanges during a warm run")
+        if openai.exchanges != exchanges_before:
+            raise InvalidRun(f"{what}: {openai.exchanges - exchanges_before} token exchanges during a warm run")
         if variant.filtered:
             stats = variant.stack.stats()
             delta = {k: stats.get(k, 0) - stats_before.get(k, 0) for k in ("cache_hit", "cache_miss", "requests_denied")}
@@ -133,4 +143,4 @@ class Load:
             if delta["cache_hit"] < result.requests:
                 raise InvalidRun(f"{what}: {result.requests} requests answered but only {delta['cache_hit']} "
                                  f"cache hits counted by the filter")
-        return Sample(result, cpu)
+        return Sample(result, cpu, others_cores)

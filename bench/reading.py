@@ -31,6 +31,7 @@ def warm_paths(h, gw, one) -> str:
     p50_b, p50_f = one.reference.median("p50_ms"), one.subject.median("p50_ms")
     ob, of, od = _cpu(one)
     noisy = max(_spread(s) for s in (h.reference, h.subject, gw.reference, gw.subject))
+    others = max(v for s in (h.reference, h.subject, gw.reference, gw.subject) for v in s.values("others_cores"))
     p99s = ", ".join(f"{v:.2f}" for v in one.reference.values("p99_ms") + one.subject.values("p99_ms"))
     return "\n".join([
         f"- **Cost of the warm path.** The filter adds about **{hd:.0f} µs of gateway CPU per request** with "
@@ -50,8 +51,9 @@ def warm_paths(h, gw, one) -> str:
         f"16-connection load the percentiles grow with the throughput ratio, as a closed loop must. The p99 "
         f"of a short one-connection run rests on a few dozen requests and follows scheduling hiccups of the "
         f"shared machine (per run, without then with the filter: {p99s} ms): do not read its ratio.",
-        f"- **Noise.** Runs of the same variant differ by up to {noisy * 100:.0f} % in requests/s (the machine "
-        f"is a shared 2-core VM); CPU per request is steadier. Compared with the latency of a real OpenAI "
+        f"- **Noise.** Runs of the same variant differ by up to {noisy * 100:.0f} % in requests/s (a 2-core VM; "
+        f"processes outside the benchmark took up to {others * 100:.0f} % of a CPU during a run); CPU per "
+        f"request is steadier. Compared with the latency of a real OpenAI "
         f"request (tens of milliseconds to minutes, over TLS), the filter's warm path is negligible; it matters "
         f"for the CPU budget of a gateway serving many thousands of requests per second.",
     ])

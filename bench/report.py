@@ -43,10 +43,14 @@ def comparison_table(c: Comparison) -> str:
                      f"{_number(c.subject.median(metric), digits)} | {_ratio(c, metric):.2f} |")
     runs = "; ".join(f"{s.label}: " + ", ".join(_number(v, 0) for v in s.values("rps"))
                      for s in (c.reference, c.subject))
-    requests = sum(s.result.requests for series in (c.reference, c.subject) for s in series.samples)
+    samples = [s for series in (c.reference, c.subject) for s in series.samples]
+    requests = sum(s.result.requests for s in samples)
+    others = [s.others_cores * 100 for s in samples]
     return "\n".join(lines) + (
         f"\n\nratio = {c.subject.label} / {c.reference.label}. Requests/s of each run, in the order run "
-        f"(alternating): {runs}. {requests:,} measured requests, every one answered 2xx.")
+        f"(alternating): {runs}. {requests:,} measured requests, every one answered 2xx. Processes outside "
+        f"the benchmark kept {statistics.median(others):.0f} % of a CPU busy during these runs (median; "
+        f"at most {max(others):.0f} %).")
 
 
 def cold_table(c: ColdBurst) -> str:
@@ -119,7 +123,9 @@ def render(results: Results, host, args, elapsed_s: float) -> str:
         "Envoy (one worker), the gateway (two workers) and the idle Python stand-ins. Throughput is therefore "
         "the gateway's share of a contended machine. *Gateway CPU per request* (user + system time of the "
         "gateway process during the run, from `/proc/<pid>/stat`, divided by the requests) does not depend "
-        "on that share and is the most direct measure of the filter's cost.",
+        "on that share and is the most direct measure of the filter's cost. The machine may also run other "
+        "work; each table says how much CPU processes outside the benchmark took during its runs (machine-wide "
+        "user + system time from `/proc/stat` minus the benchmark's own processes; approximate).",
         "- **Validity.** A run counts only if every request was answered 2xx: wrk saw no socket error and no "
         "status ≥ 400, and the upstream's own counters show at least as many 2xx answers and no other status. "
         "With the filter, it must also have stayed on its warm path: its `cache_hit` counter grew by at least "

@@ -45,9 +45,9 @@ def parse_args(argv):
 
 def measure(args, workdir: Path) -> report.Results:
     with Testbed(workdir) as bed:
-        load = Load(workdir, bed.openai, bed.upstream, connections=args.connections, duration_s=args.duration,
+        load = Load(workdir, bed, connections=args.connections, duration_s=args.duration,
                     warmup_s=args.warmup, reps=args.reps)
-        single = Load(workdir, bed.openai, bed.upstream, connections=1, duration_s=max(1.0, args.duration / 2),
+        single = Load(workdir, bed, connections=1, duration_s=max(1.0, args.duration / 2),
                       warmup_s=min(1.0, args.warmup), reps=args.reps)
         results = report.Results()
         results.warm_header = scenarios.warm_path_header(bed, load)

@@ -13,6 +13,7 @@ logs are off in both variants (they would cost the same in both and only add noi
 from __future__ import annotations
 
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -34,6 +35,13 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes of the machine spent in user and system mode so far (all CPUs)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system = (int(v) for v in fields[:3])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
 class Testbed:
@@ -80,6 +88,13 @@ class Testbed:
                           log_level="warning", name="gateway", api_port=self.upstream.port, access_log=False)
             self.stacks[key] = stack.start()
         return self.stacks[key]
+
+    def own_cpu_seconds(self) -> float:
+        """CPU time of everything the benchmark runs: this process (with the stand-ins), its finished
+        children (wrk, burst clients) and every Envoy it started."""
+        pids = [self.upstream.process.pid] + [s.envoy.process.pid for s in self.stacks.values() if s.envoy.process]
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return sum(cpu_seconds(pid) for pid in pids) + sum(u.ru_utime + u.ru_stime for u in usage)
 
     def subject_token(self, name: str) -> str:
         """A subject token (header source) for one workload identity, valid for an hour."""
