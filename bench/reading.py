@@ -19,6 +19,10 @@ def _pct(ratio: float) -> str:
     return f"{abs(1 - ratio) * 100:.0f} %"
 
 
+def _signed(value: float, unit: str) -> str:
+    return f"±0 {unit}" if round(value) == 0 else f"{value:+.0f} {unit}"
+
+
 def _cpu(c) -> tuple:
     base, filt = c.reference.median("cpu_us"), c.subject.median("cpu_us")
     return base, filt, filt - base
@@ -45,15 +49,18 @@ def warm_paths(h, gw, one) -> str:
         f"the filter reads, decodes (JWT payload, for `exp`), hashes (SHA-256 over the whole token names the "
         f"identity's cache entry) and removes, on every request; the gateway identity's key is computed once.",
         f"- **Latency.** With one connection (no queueing) the median request takes {p50_b * 1000:.0f} µs "
-        f"without and {p50_f * 1000:.0f} µs with the filter ({(p50_f - p50_b) * 1000:+.0f} µs); the gateway "
-        f"then spends {ob:.0f} → {of:.0f} µs of CPU per request ({od:+.0f} µs): without batching, every request wakes the "
-        f"workers on its own and costs more CPU, with or without the filter. Under the "
+        f"without and {p50_f * 1000:.0f} µs with the filter ({_signed((p50_f - p50_b) * 1000, 'µs')}); the "
+        f"gateway then spends {ob:.0f} → {of:.0f} µs of CPU per request ({_signed(od, 'µs')}): without "
+        f"batching, every request wakes the workers on its own and costs more CPU, with or without the "
+        f"filter. Under the "
         f"16-connection load the percentiles grow with the throughput ratio, as a closed loop must. The p99 "
         f"of a short one-connection run rests on a few dozen requests and follows scheduling hiccups of the "
         f"shared machine (per run, without then with the filter: {p99s} ms): do not read its ratio.",
         f"- **Noise.** Runs of the same variant differ by up to {noisy * 100:.0f} % in requests/s (a 2-core VM; "
         f"processes outside the benchmark took up to {others * 100:.0f} % of a CPU during a run); CPU per "
-        f"request is steadier. Compared with the latency of a real OpenAI "
+        f"request is steadier. Between two runs of the benchmark, absolute numbers can move together (the "
+        f"host's own load is invisible from inside the VM); the ratios and differences within one run are "
+        f"what it is for. Compared with the latency of a real OpenAI "
         f"request (tens of milliseconds to minutes, over TLS), the filter's warm path is negligible; it matters "
         f"for the CPU budget of a gateway serving many thousands of requests per second.",
     ])
@@ -70,7 +77,7 @@ def cold(c) -> str:
         f"(counted by the token endpoint and by the filter), while a median of {waited:.0f} of the {c.n} "
         f"requests found no token and waited for it.",
         f"- **Cold cost.** The cold burst took {cold_ms:.0f} ms against {warm_ms:.0f} ms once cached "
-        f"(×{c.ratio:.2f}, {cold_ms - warm_ms:+.0f} ms). " + (
+        f"(×{c.ratio:.2f}, {_signed(cold_ms - warm_ms, 'ms')}). " + (
             f"That is within the spread of the cached bursts ({min(c.warm_s) * 1000:.0f}–{max(c.warm_s) * 1000:.0f} "
             f"ms): the one exchange (≈{direct:.1f} ms at the Python token endpoint when called directly) and "
             f"the resumption of the waiting requests take less time than the gateway and the Python client "
