@@ -510,6 +510,7 @@ class Lifecycle:
     flow: list = None  # responses while subjects expired and were replaced
     flow_stats: dict = None  # counters' change over the flow
     flow_exchanges: list = None  # exchange log entries of the flow
+    subject_at_start: str | None = None  # the subject of the token in use when the flow started
     flow_api_requests: list = None
     served: list = None  # subject tokens the platform stand-in served
     written: list = None  # tokens the kubelet stand-in wrote
@@ -536,6 +537,7 @@ def run_lifecycle(platform: Platform, standins, gateway_for) -> Lifecycle:
             before = stack.stats()
             exchanges_before = len(standins.openai.exchange_log)
             api_before = len(standins.openai.api_requests)
+            result.subject_at_start = standins.openai.exchange_log[-1]["subject_token"]
             flow = Flow(stack)
             flow.run_for(FLOW_S)
             result.flow = flow.responses()
@@ -595,7 +597,7 @@ def test_short_lived_subjects_are_replaced_while_requests_flow_without_failing_o
     for entry in run.flow_exchanges:
         assert_exchange(platform, standins, entry, run.served)
     subjects_used = {e["subject_token"] for e in run.flow_exchanges}
-    assert len(subjects_used) >= 2, "the short-lived subject was never replaced"
+    assert subjects_used - {run.subject_at_start}, "the short-lived subject was never replaced"
     if platform is KUBERNETES:
         assert subjects_used <= set(run.written), "a subject the kubelet never wrote"
     # Every access token reached the API before its expiry (the API refuses expired ones: no 401 above).
@@ -614,7 +616,9 @@ def test_failing_source_keeps_the_valid_token_in_use_then_fails_closed(platform,
     # Never 401: an access token is not used after its subject's exp.
     assert {r.status for r in responses} <= {200, 503}, [r for r in responses if r.status not in (200, 503)][:3]
     served_while_failing = [r for _, r, failed in run.failing if r.status == 200 and failed > run.failed_before]
-    assert served_while_failing, "no request was served with the still-valid token while the source failed"
+    assert served_while_failing, ("no request was served with the still-valid token while the source failed: "
+                                  f"{[(r.status, failed - run.failed_before) for _, r, failed in run.failing][-8:]}, "
+                                  f"then {run.first_503[1].text[:200]}")
     assert re.fullmatch(run.cause, source_error(run.first_503[1], platform))
 
 
@@ -644,7 +648,8 @@ def test_failing_source_is_asked_again_no_faster_than_backoff(platform, lifecycl
     window_s = run.first_503[0] - first_failure_at
     failures = run.first_503[2] - run.failed_before
     periodic = int(window_s + 1) if platform is KUBERNETES else 0
-    allowed = backoff_attempts(window_s) + periodic + 1
+    # The window is measured from the first failure seen (counters are sampled): 0.1 s of slack.
+    allowed = backoff_attempts(window_s + 0.1) + periodic
     assert failures <= allowed, (f"{failures} failed fetches from {platform.source} in the {window_s:.2f} s "
                                  f"between the first failure and the first 503; backoff allows about {allowed}")
 
