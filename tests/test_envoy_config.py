@@ -14,11 +14,11 @@ import sys
 import pytest
 import yaml
 
-from tests.harness import Stack
+from tests.harness import Stack, http_request
 from tools import envoy_config
 from tools.envoy_config import API_CLUSTER, AUTH_CLUSTER, EXAMPLES, FILTER_NAME, SOURCE_CLUSTER, SOURCES, build
 
-LOCAL_PORTS = {"openai_port": 18001, "gcp_metadata_port": 18002, "azure_imds_port": 18003,
+LOCAL_PORTS = {"openai_port": 18001, "gcp_metadata_port": 18002, "azure_imds_port": 18003, "token_port": 18004,
                "spiffe_socket": "/tmp/test.sock", "token_dir": "/tmp/tokens", "module": "/tmp/openai_wif.wasm"}
 
 
@@ -141,18 +141,38 @@ def test_each_example_carries_only_the_identity_cluster_its_source_needs(filenam
     assert token_listener == ("wif_token_file" in expected)
 
 
-def test_projected_token_is_served_by_an_internal_listener_that_follows_rotation():
-    bootstrap = example("kubernetes.yaml")
+@pytest.mark.parametrize("filename", [f for f in ALL_EXAMPLES if EXAMPLES[f]["source"] == "kubernetes"])
+def test_projected_token_is_served_on_loopback_only_by_a_listener_that_follows_rotation(filename):
+    bootstrap = example(filename)
     listener = listeners(bootstrap)[envoy_config.TOKEN_LISTENER]
-    assert listener["internal_listener"] == {} and "address" not in listener
-    route = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
-    assert route["match"] == {"path": "/token"}
-    assert route["direct_response"]["body"] == {"filename": "/var/run/secrets/tokens/token",
+    assert listener["address"] == {"socket_address": {"address": "127.0.0.1", "port_value": 15098}}
+    assert "internal_listener" not in listener and "bootstrap_extensions" not in bootstrap
+    (vhost,) = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"]
+    token, rest = vhost["routes"]
+    assert token["match"] == {"path": "/token", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]}
+    assert token["direct_response"]["body"] == {"filename": "/var/run/secrets/tokens/token",
                                                  "watched_directory": {"path": "/var/run/secrets/tokens"}}
+    assert rest == {"match": {"prefix": "/"}, "direct_response": {"status": 404}}
     cluster = clusters(bootstrap)["wif_token_file"]
+    assert cluster["type"] == "STATIC"
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    assert endpoint["address"] == {"envoy_internal_address": {"server_listener_name": envoy_config.TOKEN_LISTENER}}
-    assert [e["name"] for e in bootstrap["bootstrap_extensions"]] == ["envoy.bootstrap.internal_listener"]
+    assert endpoint["address"] == listener["address"]
+
+
+def test_token_port_is_none_of_istios():
+    istio_ports = {15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090}
+    assert envoy_config.TOKEN_PORT not in istio_ports
+
+
+def test_local_token_port_is_chosen_free_and_shared_by_listener_and_cluster():
+    bootstrap = build("local", "kubernetes", **{k: v for k, v in LOCAL_PORTS.items() if k != "token_port"})
+    address = listeners(bootstrap)[envoy_config.TOKEN_LISTENER]["address"]["socket_address"]
+    cluster = clusters(bootstrap)["wif_token_file"]
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "socket_address": address}
+    assert address["address"] == "127.0.0.1" and address["port_value"] > 0
+    given = build("local", "kubernetes", **{**LOCAL_PORTS, "token_port": 18004})
+    assert listeners(given)[envoy_config.TOKEN_LISTENER]["address"]["socket_address"]["port_value"] == 18004
 
 
 def test_spiffe_cluster_is_http2_over_the_agent_socket():
@@ -303,6 +323,32 @@ def test_local_gateway_routes_in_a_real_envoy_without_the_filter(tmp_path, stand
 
         responses = stack.burst(50, "GET", "/v1/models")
         assert [r.status for r in responses] == [401] * 50
+
+
+def test_token_listener_serves_only_get_token_on_127_0_0_1_and_follows_rotation(tmp_path, standins):
+    with Stack("kubernetes", tmp_path, standins=standins, with_filter=False) as stack:
+        port = stack.envoy.ports[envoy_config.TOKEN_LISTENER]
+        bound = json.loads(stack.envoy.admin("/listeners?format=json"))
+        (status,) = [s for s in bound["listener_statuses"] if s["name"] == envoy_config.TOKEN_LISTENER]
+        assert status["local_address"]["socket_address"] == {"address": "127.0.0.1", "port_value": port}
+        # Bound to 127.0.0.1 itself, not to every address: another loopback address is refused.
+        assert "refused" in (http_request(port, "GET", "/token", address="127.0.0.2", timeout=2).error or "").lower()
+
+        def served():
+            response = http_request(port, "GET", "/token", host="localhost", timeout=2)
+            return response.text if response.status == 200 else None
+
+        token = standins.token_dir.current()
+        assert served() == token
+        for method, path in (("GET", "/"), ("GET", "/token/x"), ("GET", "/tokens"), ("GET", "/etc/passwd"),
+                             ("POST", "/token"), ("PUT", "/token"), ("HEAD", "/token")):
+            response = http_request(port, method, path, host="localhost", timeout=2)
+            assert response.status == 404 and token.encode() not in response.body, (method, path, response)
+
+        # A kubelet rotation (atomic ..data swap) is served within about a second.
+        rotated = standins.token_dir.rotate()
+        assert rotated != token
+        stack.envoy.wait_for(lambda: served() == rotated, timeout_s=1.0, interval_s=0.02, what="the rotated token")
 
 
 # With the filter: every identity source's cluster reaches its stand-in (needs `make build`).

@@ -21,6 +21,7 @@ import difflib
 import ipaddress
 import json
 import re
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -45,6 +46,10 @@ FILTER_NAME = "openai_wif"  # the HTTP filter's name: the key that per-route con
 API_CLUSTER = "openai_api"
 AUTH_CLUSTER = "openai_auth"
 TOKEN_LISTENER = "wif_token_file"
+# The token listener binds loopback only, on a port none of Istio's proxies use (Istio's: 15000,
+# 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090).
+TOKEN_ADDRESS = "127.0.0.1"
+TOKEN_PORT = 15098
 GATEWAY_LISTENER = "openai_egress"
 ECHO_HOST = "other.example"
 SUBJECT_HEADER = "x-openai-subject-token"
@@ -76,6 +81,9 @@ class Params:
     spiffe_socket: str = "/run/spire/agent.sock"
     token_dir: str = "/var/run/secrets/tokens"
     token_file: str = "token"
+    # Port of the loopback listener that serves the token file (on TOKEN_ADDRESS); 0: a free port,
+    # chosen when the configuration is rendered (tests run several Envoys side by side).
+    token_port: int = TOKEN_PORT
     # The filter's module; None leaves the filter out (tests of the routing alone).
     module: str | None = "/etc/envoy/openai_wif.wasm"
     # The filter's configuration (a dict, serialised to JSON); None: the example with placeholders.
@@ -96,6 +104,7 @@ PROFILE_DEFAULTS = {
         "listen_address": "127.0.0.1",
         "listen_port": 0,
         "admin_port": 0,
+        "token_port": 0,
         "api_hosts": ("api.openai.com", "openai-egress.internal", "localhost", "127.0.0.1"),
         "api_address": "127.0.0.1",
         "auth_address": "127.0.0.1",
@@ -408,8 +417,8 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
 
 def _token_file_listener(p: Params, note) -> dict:
     directory = p.token_dir.rstrip("/") or "/"
-    route_config = {"name": "wif_token_file", "virtual_hosts": [{"name": "token", "domains": ["*"], "routes": [{
-        "match": {"path": "/token"},
+    token_route = {
+        "match": {"path": "/token", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
         "direct_response": {"status": 200, "body": {
             "filename": f"{directory}/{p.token_file}",
             note("""\
@@ -417,16 +426,30 @@ def _token_file_listener(p: Params, note) -> dict:
                 watching the directory makes Envoy serve the new token (without it, the first one
                 forever)."""): None,
             "watched_directory": {"path": directory}}},
-    }]}]}
+    }
+    route_config = {"name": "wif_token_file", "virtual_hosts": [{"name": "token", "domains": ["*"], "routes": [
+        token_route,
+        {note("Nothing but GET /token."): None, "match": {"prefix": "/"}, "direct_response": {"status": 404}},
+    ]}]}
     return {
         note("""\
             Serves the Kubernetes projected service account token to the filter (a Wasm module cannot
-            read files). An internal listener has no network address: only this Envoy can reach it,
-            through the wif_token_file cluster."""): None,
+            read files) through the wif_token_file cluster. A loopback TCP listener, not an internal
+            one: the filter also calls it from Envoy's main thread, which cannot reach internal
+            listeners. The port is none of Istio's. Trade-off: every container in the gateway's pod
+            (its network namespace) can reach 127.0.0.1 and so read this token, the gateway's own
+            identity; run only trusted containers (sidecars) next to the gateway."""): None,
         "name": TOKEN_LISTENER,
-        "internal_listener": {},
+        "address": _socket(TOKEN_ADDRESS, p.token_port),
         "filter_chains": [{"filters": [_hcm("wif_token_file", route_config, [_router()], False)]}],
     }
+
+
+def _free_loopback_port() -> int:
+    """A port that nothing listens on now (the kernel's choice for an ephemeral bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((TOKEN_ADDRESS, 0))
+        return probe.getsockname()[1]
 
 
 def _openai_clusters(p: Params, note) -> list:
@@ -452,7 +475,7 @@ def _openai_clusters(p: Params, note) -> list:
 _PLATFORM_NOTES = {
     "wif_token_file": """\
         Kubernetes (any distribution, GKE, AKS, EKS): the projected service account token, served by
-        the wif_token_file internal listener above. Keep with "source": "kubernetes".""",
+        the wif_token_file loopback listener above. Keep with "source": "kubernetes".""",
     "gcp_metadata": """\
         Google Cloud (Compute Engine, GKE with Workload Identity, Cloud Run): the metadata server's
         identity tokens. Keep with "source": "gcp_metadata".""",
@@ -469,8 +492,7 @@ _PLATFORM_NOTES = {
 def _identity_cluster(name: str, p: Params, note) -> dict:
     text = _PLATFORM_NOTES[name]
     if name == "wif_token_file":
-        return {note(text): None, "name": name, "connect_timeout": "1s",
-                "load_assignment": _endpoints(name, {"envoy_internal_address": {"server_listener_name": TOKEN_LISTENER}})}
+        return _tcp_cluster(name, TOKEN_ADDRESS, p.token_port, "1s", None, p.ca_file, note=note(text))
     if name == "gcp_metadata":
         return _tcp_cluster(name, p.gcp_metadata_address, p.gcp_metadata_port, "1s", None, p.ca_file, note=note(text))
     if name == "azure_imds":
@@ -491,6 +513,9 @@ def _bootstrap(profile: str, source: str, p: Params, notes: _Notes) -> dict:
     if unknown:
         raise ValueError(f"unknown identity clusters {sorted(unknown)}; known: {sorted(SOURCE_CLUSTER.values())}")
 
+    if "wif_token_file" in identity and p.token_port == 0:
+        # The listener and the cluster must name the same port, so choose it here.
+        p = dataclasses.replace(p, token_port=_free_loopback_port())
     listeners = [_gateway_listener(p, config, notes)]
     if "wif_token_file" in identity:
         listeners.append(_token_file_listener(p, notes))
@@ -502,9 +527,6 @@ def _bootstrap(profile: str, source: str, p: Params, notes: _Notes) -> dict:
             "address": _socket(p.admin_address, p.admin_port),
         },
     }
-    if "wif_token_file" in identity:
-        bootstrap["bootstrap_extensions"] = [{"name": "envoy.bootstrap.internal_listener", "typed_config": _typed(
-            "envoy.extensions.bootstrap.internal_listener.v3.InternalListener")}]
     bootstrap["overload_manager"] = {"resource_monitors": [{
         "name": "envoy.resource_monitors.global_downstream_max_connections",
         "typed_config": _typed(
