@@ -183,7 +183,19 @@ impl SubjectRecord {
     pub fn due(&self, now_ms: u64) -> bool {
         now_ms >= self.refresh_at_ms
     }
+
+    /// True when an exchange may use this subject instead of fetching one: fetched moments ago
+    /// (by a periodic re-read, or by a leader that lost its exchange) and still good. Otherwise
+    /// an exchange fetches afresh, so a token is never capped by an old subject's last seconds.
+    pub fn reusable(&self, now_ms: u64) -> bool {
+        self.usable(now_ms)
+            && !self.due(now_ms)
+            && now_ms.saturating_sub(self.fetched_at_ms) <= SUBJECT_REUSE_MS
+    }
 }
+
+/// How recent a fetched subject must be for an exchange to use it without fetching again.
+pub const SUBJECT_REUSE_MS: u64 = 5_000;
 
 pub fn token_key(identity: &IdentityKey) -> String {
     format!("{KEY_PREFIX}tok.{}", identity.as_str())
@@ -377,6 +389,29 @@ mod tests {
         assert!(clear_if_spent(&s, "failing", NOW + 300_000 + SWEEP_GRACE_MS).unwrap());
         s.set("garbage", b"\x01", None).unwrap();
         assert!(clear_if_spent(&s, "garbage", NOW).unwrap());
+    }
+
+    fn subject(fetched_at_ms: u64) -> SubjectRecord {
+        SubjectRecord {
+            subject: Secret::new("s.u.b"),
+            exp_s: Some((NOW + 3_600_000) / 1000),
+            fetched_at_ms,
+            refresh_at_ms: NOW + 30_000,
+            expires_at_ms: NOW + 3_570_000,
+        }
+    }
+
+    #[test]
+    fn subjects_are_reused_only_when_just_fetched() {
+        let s = subject(NOW);
+        assert!(s.reusable(NOW + SUBJECT_REUSE_MS));
+        assert!(!s.reusable(NOW + SUBJECT_REUSE_MS + 1));
+        let due = SubjectRecord {
+            refresh_at_ms: NOW + 1,
+            ..subject(NOW)
+        };
+        assert!(!due.reusable(NOW + 1));
+        assert!(s.usable(NOW + 3_569_999) && !s.usable(NOW + 3_570_000));
     }
 
     /// A store whose value changes under the first write, as when another worker writes.

@@ -163,7 +163,7 @@ impl Root {
         }
         let now = host::now_ms();
         match cache::read::<SubjectRecord>(&Shared, &cache::subject_key(&identity)) {
-            Ok(Some((s, _))) if s.usable(now) && !s.due(now) => {
+            Ok(Some((s, _))) if s.reusable(now) => {
                 self.exchange(config, identity, &s.subject, s.exp_s)
             }
             _ => self.fetch_subject(config, identity, true),
@@ -320,13 +320,10 @@ impl Root {
                     Err(e) => {
                         self.vm.count(Counter::SubjectFetchFailed);
                         log::warn!("openai_wif: {e}");
-                        if then_exchange {
-                            self.fail(job.identity, e.failure(), None);
-                        } else {
-                            // A periodic re-read failed: the cached subject stays in use until it
-                            // is due for real, and the next re-read is tried on the next tick.
-                            let _ = lease::release(&Shared, &job.identity, self.vm.owner);
-                        }
+                        // Also when only a periodic re-read failed: the identity backs off as a
+                        // whole (a still-valid token stays in use), so the source is not asked
+                        // again, for a re-read or a refresh, before the backoff ends.
+                        self.fail(job.identity, e.failure(), None);
                     }
                 }
             }
@@ -524,11 +521,17 @@ impl Root {
             return;
         }
         let now = host::now_ms();
-        match lookup(read_record(&identity).as_ref(), now) {
+        let record = read_record(&identity);
+        let backing_off = record
+            .as_ref()
+            .and_then(|r| r.failure.as_ref())
+            .is_some_and(|f| now < f.retry_at_ms);
+        match lookup(record.as_ref(), now) {
             Lookup::Miss | Lookup::Use { refresh: true, .. } => {
                 self.start_if_needed(identity, None)
             }
             Lookup::Backoff(_) => {}
+            Lookup::Use { refresh: false, .. } if backing_off => {}
             Lookup::Use { refresh: false, .. } => {
                 let due =
                     match cache::read::<SubjectRecord>(&Shared, &cache::subject_key(&identity)) {

@@ -75,6 +75,10 @@ impl SourceError {
     }
 }
 
+/// A fetched token with less life than this left is as good as expired: an exchange with it
+/// would race its expiry.
+pub const MIN_SUBJECT_LIFETIME_S: u64 = 2;
+
 /// Largest answer read from a source.
 pub const MAX_SOURCE_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -151,7 +155,10 @@ fn checked(source: &SubjectSource, token: String, now_s: u64) -> Result<Fetched,
         JwtError::Empty => SourceError::new(source, "the token is empty"),
         other => SourceError::new(source, format!("the answer is not a usable JWT ({other})")),
     })?;
-    if claims.exp.is_some_and(|exp| exp <= now_s) {
+    if claims
+        .exp
+        .is_some_and(|exp| exp <= now_s + MIN_SUBJECT_LIFETIME_S)
+    {
         return Err(SourceError::new(source, "the token has already expired"));
     }
     Ok(Fetched {
