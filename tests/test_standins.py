@@ -519,6 +519,27 @@ def test_projected_token_dir_has_the_kubelet_layout(tmp_path):
     assert volume.current().count(".") == 2
 
 
+def test_projected_token_resolves_when_data_is_swapped_in_even_after_removal(tmp_path, monkeypatch):
+    """Directory watchers (Envoy's watched_directory) re-read the file on the ..data swap: by then
+    the token link must exist, also on the first rotation after remove()."""
+    volume = ProjectedTokenDir(tmp_path / "sa", Issuer("https://kubernetes.example.com"))
+    rename, seen = os.rename, []
+
+    def recording_rename(source, destination):
+        rename(source, destination)
+        if os.path.basename(destination) == "..data":
+            try:
+                with open(volume.path) as file:
+                    seen.append(file.read())
+            except OSError as error:
+                seen.append(error)
+
+    monkeypatch.setattr(os, "rename", recording_rename)
+    volume.remove()
+    token = volume.rotate()
+    assert seen == [token]
+
+
 def test_projected_token_stays_readable_through_rotations(tmp_path):
     volume = ProjectedTokenDir(tmp_path / "sa", Issuer("https://kubernetes.example.com"))
     problems, reads = [], [0]

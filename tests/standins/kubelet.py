@@ -92,13 +92,16 @@ class ProjectedTokenDir:
         os.chmod(os.path.join(self.root, version, TOKEN), 0o644)
 
         previous = os.readlink(os.path.join(self.root, DATA)) if os.path.islink(os.path.join(self.root, DATA)) else None
+        # The token link comes first (dangling until ..data exists, e.g. after remove()): the swap
+        # below is the event directory watchers such as Envoy's react to, so the file must resolve
+        # by then.
+        if not os.path.lexists(self.path):
+            os.symlink(os.path.join(DATA, TOKEN), self.path)
         temporary = os.path.join(self.root, DATA + "_tmp")
         if os.path.lexists(temporary):
             os.unlink(temporary)
         os.symlink(version, temporary)
         os.rename(temporary, os.path.join(self.root, DATA))
-        if not os.path.lexists(self.path):
-            os.symlink(os.path.join(DATA, TOKEN), self.path)
         self.rotations += 1
         # The kubelet deletes the old version right after the swap. Keeping the one just replaced
         # a little longer spares a reader that resolved `..data` a moment before the swap.
