@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import subprocess
 import sys
 from contextlib import redirect_stdout
@@ -290,6 +291,42 @@ def test_token_file_listener_must_watch_the_directory(manifests):
     lines = failures(docs)
     assert any("istio-system/openai-wif" in l and "watched_directory" in l for l in lines)
     assert not any("ai/openai-wif-sidecar" in l for l in lines)
+
+
+def _token_file_patches(obj):
+    listener, cluster = (patch["patch"]["value"] for patch in obj["spec"]["configPatches"])
+    return listener, cluster
+
+
+def _is_gateway_token_file(d):
+    return d.kind == "EnvoyFilter" and d.namespace == "istio-system" and "token" in d.name
+
+
+def test_token_file_listener_must_bind_loopback_only(manifests):
+    docs = edited(manifests, _is_gateway_token_file,
+                  lambda o: _token_file_patches(o)[0]["address"]["socket_address"].update(address="0.0.0.0"))
+    lines = failures(docs)
+    assert any("istio-system/openai-wif" in l and "binds 0.0.0.0" in l and "127.0.0.1 only" in l for l in lines)
+    assert not any("ai/openai-wif-sidecar" in l for l in lines)
+
+
+def test_token_file_cluster_must_not_use_an_internal_listener_or_an_istio_port(manifests):
+    def internal(obj):
+        listener, cluster = _token_file_patches(obj)
+        listener.pop("address")
+        listener["internal_listener"] = {}
+        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+        endpoint["address"] = {"envoy_internal_address": {"server_listener_name": listener["name"]}}
+    lines = failures(edited(manifests, _is_gateway_token_file, internal))
+    assert any("istio-system/openai-wif" in l and "internal listener" in l and "main thread" in l for l in lines)
+
+    def istio_port(obj):
+        for value in _token_file_patches(obj):
+            text = json.dumps(value).replace('"port_value": 15098', '"port_value": 15021')
+            value.clear()
+            value.update(json.loads(text))
+    lines = failures(edited(manifests, _is_gateway_token_file, istio_port))
+    assert any("istio-system/openai-wif" in l and "port 15021" in l for l in lines)
 
 
 def test_spiffe_needs_the_csi_socket_and_http2(manifests):

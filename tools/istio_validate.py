@@ -16,7 +16,7 @@ Three checks, one output line per document or finding:
 2. Cross-checks between documents: each cluster named in a WasmPlugin's pluginConfig exists
    (an Istio `outbound|port||host` cluster with its ServiceEntry and, for TLS ports, a SIMPLE
    DestinationRule; or a cluster an EnvoyFilter adds, with the listener, volume or socket it
-   needs), gateways named by VirtualServices exist, WasmPlugin and AuthorizationPolicy selectors
+   needs; the token-file listener on 127.0.0.1 only), gateways named by VirtualServices exist, WasmPlugin and AuthorizationPolicy selectors
    select the egress gateway, OCI plugins are pinned by digest and fail closed.
 3. Envoy: the listeners and clusters that EnvoyFilters add are loaded by a real Envoy in
    `--mode validate` (when an envoy binary is available), since the CRD does not check them.
@@ -56,6 +56,9 @@ DEFAULT_CRDS = SHARED_ISTIO / "crd-all.gen.yaml"
 ISTIO_DIR = REPO / "istio"
 ROOT_NAMESPACE = "istio-system"  # Istio's default root configuration namespace
 PLUGIN_SOURCES = {"header", "kubernetes", "gcp_metadata", "azure_imds", "spiffe"}
+LOOPBACK = "127.0.0.1"  # where the token-file listener must bind (the pod's containers only)
+# Ports Istio's proxies (sidecars, gateways) use themselves: an added listener must avoid them.
+ISTIO_PROXY_PORTS = {15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090}
 
 
 # --- YAML as kubectl reads it -----------------------------------------------------------------
@@ -827,22 +830,33 @@ def _direct_response_bodies(listener: dict) -> list[dict]:
 
 
 def _check_token_file(m: Manifests, plugin: Document, cluster: dict) -> str | None:
-    """The kubernetes source: the cluster must reach a listener that serves a projected token
-    file from a watched directory, and that directory must be a projected token volume."""
-    listeners = {}
+    """The kubernetes source: the cluster must reach a listener on 127.0.0.1 that serves a
+    projected token file from a watched directory, and that directory must be a projected token
+    volume. Not an internal listener: the filter also fetches the token from Envoy's main thread,
+    where internal listeners do not exist."""
+    by_port = defaultdict(list)
     for _, patch in m.applicable(plugin, "LISTENER"):
         value = patch["patch"].get("value") or {}
-        listeners[value.get("name")] = value
         address = (value.get("address") or {}).get("socket_address") or {}
         if address:
-            listeners[(address.get("address"), address.get("port_value"))] = value
+            by_port[address.get("port_value")].append(value)
     for address in _endpoint_addresses(cluster):
-        internal = (address.get("envoy_internal_address") or {}).get("server_listener_name")
+        if "envoy_internal_address" in address:
+            return ("it points at an internal listener, which Envoy's main thread (where the filter also "
+                    f"fetches the token) cannot reach: use a listener on {LOOPBACK} and a STATIC cluster")
         socket = address.get("socket_address") or {}
-        listener = listeners.get(internal) if internal else listeners.get(
-            (socket.get("address"), socket.get("port_value")))
-        if listener is None:
-            return "no EnvoyFilter adds the listener this cluster points at"
+        if socket.get("address") != LOOPBACK:
+            return f"it must point at the token listener on {LOOPBACK} (got {socket.get('address')})"
+        if socket.get("port_value") in ISTIO_PROXY_PORTS:
+            return f"port {socket.get('port_value')} is one of the Istio proxy's own ports"
+        candidates = by_port.get(socket.get("port_value")) or []
+        exposed = [c for c in candidates if (c["address"]["socket_address"].get("address")) != LOOPBACK]
+        if exposed:
+            return (f"listener {exposed[0].get('name')} binds {exposed[0]['address']['socket_address'].get('address')}: "
+                    f"bind it to {LOOPBACK} only (it serves the token, the proxy's identity)")
+        if not candidates:
+            return f"no EnvoyFilter adds the listener on {LOOPBACK}:{socket.get('port_value')} this cluster points at"
+        listener = candidates[0]
         for body in _direct_response_bodies(listener):
             filename = body.get("filename", "")
             watched = (body.get("watched_directory") or {}).get("path", "")
@@ -1030,14 +1044,7 @@ def envoy_bootstrap(docs: list[Document], scratch: Path) -> dict:
                 body["filename"] = str(local)
                 if "watched_directory" in body:
                     body["watched_directory"]["path"] = str(local.parent)
-    return {
-        "bootstrap_extensions": [{
-            "name": "envoy.bootstrap.internal_listener",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener"},
-        }],
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }
+    return {"static_resources": {"listeners": listeners, "clusters": clusters}}
 
 
 def find_envoy() -> str | None:
