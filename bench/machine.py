@@ -70,11 +70,20 @@ def _commit() -> str:
     return head + (" (with uncommitted changes in src/)" if dirty else "")
 
 
+def stale_module() -> bool:
+    """True when a source file of the filter changed after the module was built."""
+    sources = [REPO / "Cargo.toml", REPO / "Cargo.lock", *(REPO / "src").rglob("*.rs")]
+    newest = max((p.stat().st_mtime for p in sources if p.exists()), default=0.0)
+    return module_path().stat().st_mtime < newest
+
+
 def _module() -> str:
     path = module_path()
     data = path.read_bytes()
-    return f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}, {len(data) // 1024} KiB, " \
-           f"sha256 {hashlib.sha256(data).hexdigest()[:16]}…"
+    built = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}, {len(data) // 1024} KiB, "
+            f"sha256 {hashlib.sha256(data).hexdigest()[:16]}…, built {built}"
+            + (" (older than the sources in src/: not built from this tree)" if stale_module() else ""))
 
 
 def describe() -> Machine:

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
         wrk.ensure_installed()
         host = machine.describe()
         print(f"{host.cpus} CPUs ({host.cpu_model}), {host.envoy}, {host.wrk}", flush=True)
+        if machine.stale_module():
+            print("warning: the filter module is older than its sources; `make bench` builds it first", flush=True)
         with tempfile.TemporaryDirectory(prefix="openai-wif-bench-") as workdir:
             results = measure(args, Path(workdir))
     except ModuleMissing as missing:
