@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.standins import AZURE_RESOURCE, OPENAI_AUDIENCE, Standins
 from tools import envoy_config
 
-from .envoy import Envoy
+from .envoy import Envoy, EnvoyError
 
 REPO = Path(__file__).resolve().parent.parent.parent
 MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "openai_wif.wasm"
@@ -111,12 +111,23 @@ class Stack:
         try:
             if self.standins is None:
                 self.standins = Standins.start_all(self.workdir / "standins")
-            self.config_yaml = self.render()
-            self.envoy = Envoy(self.config_yaml, self.workdir, log_level=self.log_level, name=self.name).start()
+            self.envoy = self._start_envoy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_envoy(self, attempts: int = 3) -> Envoy:
+        """Renders and starts Envoy. A free port chosen at render time (the token-file listener's)
+        can be taken by another process before Envoy binds it; then render again, with a new port."""
+        for attempt in range(attempts):
+            self.config_yaml = self.render()
+            try:
+                return Envoy(self.config_yaml, self.workdir, log_level=self.log_level, name=self.name).start()
+            except EnvoyError as error:
+                if "Address already in use" not in str(error) or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def stop(self):
         if self.envoy is not None:
