@@ -38,12 +38,13 @@ def warm_paths(h, gw, one) -> str:
     others = max(v for s in (h.reference, h.subject, gw.reference, gw.subject) for v in s.values("others_cores"))
     p99s = ", ".join(f"{v:.2f}" for v in one.reference.values("p99_ms") + one.subject.values("p99_ms"))
     return "\n".join([
-        f"- **Cost of the warm path.** The filter adds about **{hd:.0f} µs of gateway CPU per request** with "
-        f"per-request identities (header source: {hb:.0f} → {hf:.0f} µs) and about **{gd:.0f} µs** with the "
-        f"gateway's own identity (kubernetes source: {gb:.0f} → {gf:.0f} µs). On this machine that costs "
-        f"{_pct(rps_h)} and {_pct(rps_g)} of throughput (ratios {rps_h:.2f} and {rps_g:.2f}). Throughput "
-        f"ratios depend on how the two cores are shared between the gateway, wrk and the upstream; the CPU per "
-        f"request does not: use it for sizing.",
+        f"- **Cost of the warm path.** The filter adds about **{hd:.0f} µs of gateway CPU per request** "
+        f"(×{hf / hb:.2f}) with per-request identities (header source: {hb:.0f} → {hf:.0f} µs) and about "
+        f"**{gd:.0f} µs** (×{gf / gb:.2f}) with the gateway's own identity (kubernetes source: {gb:.0f} → "
+        f"{gf:.0f} µs). On this machine that costs {_pct(rps_h)} and {_pct(rps_g)} of throughput (ratios "
+        f"{rps_h:.2f} and {rps_g:.2f}). Throughput ratios depend on how the two cores are shared between the "
+        f"gateway, wrk and the upstream; the CPU per request does not, but on this VM its absolute value moves "
+        f"with the host's load from one benchmark run to the next: size with the CPU ratio.",
         f"- **Why the header source costs more** ({hd - gd:.0f} µs per request more than the gateway identity): "
         f"the client sends a {h.notes.get('subject_bytes', 0)}-byte subject token in a header that Envoy parses and "
         f"the filter reads, decodes (JWT payload, for `exp`), hashes (SHA-256 over the whole token names the "
