@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections import namedtuple
 
-from .http_server import CLOSE, HttpStandin, Reply, Request
+from .http_server import CLOSE, Reply, Request
+from .metadata import MetadataStandin
 
 TOKEN_PATH = "/metadata/identity/oauth2/token"
 SELECTORS = ("client_id", "object_id", "msi_res_id")
@@ -27,32 +27,17 @@ DEFAULT_IDENTITY = {
                   "providers/Microsoft.ManagedIdentity/userAssignedIdentities/openai-wif",
 }
 
-MetadataRequest = namedtuple("MetadataRequest", "path query headers")
-
-
 def _error(status: int, error: str, description: str) -> Reply:
     return Reply.json(status, {"error": error, "error_description": description})
 
 
-class AzureImdsStandin(HttpStandin):
+class AzureImdsStandin(MetadataStandin):
     def __init__(self, issuer, tid: str = DEFAULT_TENANT, identities: list | None = None, lifetime_s: int = 3600):
         """identities: dicts with client_id, object_id, msi_res_id. With one identity, requests
         without a selector get it; with several, a selector is required."""
-        super().__init__()
-        self.issuer = issuer
         self.tid = tid
         self.identities = list(identities or [DEFAULT_IDENTITY])
-        self.lifetime_s = lifetime_s
-        self.reject_x_forwarded_for = True
-        self.reset()
-
-    def reset(self):
-        with self._lock:
-            self.fault = None
-            self.slow_seconds = 10.0
-            self.requests = 0
-            self.last_request = None
-            self.tokens: list = []  # every access token served, oldest first
+        super().__init__(issuer, lifetime_s)
 
     def _select_identity(self, query: dict):
         given = [(name, query[name]) for name in SELECTORS if name in query]
@@ -71,14 +56,9 @@ class AzureImdsStandin(HttpStandin):
         return _error(400, "invalid_request", "Identity not found")
 
     def handle(self, request: Request):
-        with self._lock:
-            self.requests += 1
-            self.last_request = MetadataRequest(request.path, request.query, request.headers)
+        if self.begin(request) is CLOSE:
+            return CLOSE
         fault = self.fault
-        if fault == "down":
-            return CLOSE
-        if fault == "slow" and self.pause(self.slow_seconds):
-            return CLOSE
         if fault in ("500", "404", "403", "429"):
             return _error(int(fault), "fault", f"IMDS fault {fault}")
         if request.path != TOKEN_PATH:

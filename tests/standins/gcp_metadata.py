@@ -8,47 +8,26 @@ carry `X-Forwarded-For` (403: the metadata server does not serve proxied request
 
 from __future__ import annotations
 
-from collections import namedtuple
-
-from .http_server import CLOSE, HttpStandin, Reply, Request
+from .http_server import CLOSE, Reply, Request
+from .metadata import MetadataStandin
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/{account}/identity"
 FAULTS = (None, "500", "404", "403", "429", "empty", "not_jwt", "expired", "slow", "down")
 
-MetadataRequest = namedtuple("MetadataRequest", "path query headers")
-
-
-class GcpMetadataStandin(HttpStandin):
+class GcpMetadataStandin(MetadataStandin):
     def __init__(self, issuer, sub: str = "110123456789012345678",
                  email: str = "openai-wif@my-project.iam.gserviceaccount.com", lifetime_s: int = 3600):
-        super().__init__()
-        self.issuer = issuer
         self.sub = sub
         self.email = email
-        self.lifetime_s = lifetime_s
-        self.reject_x_forwarded_for = True
-        self.reset()
-
-    def reset(self):
-        with self._lock:
-            self.fault = None
-            self.slow_seconds = 10.0
-            self.requests = 0
-            self.last_request = None
-            self.tokens: list = []  # every JWT served, oldest first
+        super().__init__(issuer, lifetime_s)
 
     def _paths(self):
         return {IDENTITY_PATH.format(account="default"), IDENTITY_PATH.format(account=self.email)}
 
     def handle(self, request: Request):
-        with self._lock:
-            self.requests += 1
-            self.last_request = MetadataRequest(request.path, request.query, request.headers)
+        if self.begin(request) is CLOSE:
+            return CLOSE
         fault = self.fault
-        if fault == "down":
-            return CLOSE
-        if fault == "slow" and self.pause(self.slow_seconds):
-            return CLOSE
         if fault in ("500", "404", "403", "429"):
             return Reply.text(int(fault), f"metadata server fault {fault}\n", headers=[("Metadata-Flavor", "Google")])
         if request.method != "GET":
