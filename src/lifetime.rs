@@ -64,6 +64,11 @@ pub fn backoff_ms(failures: u32, retry_after_s: Option<u64>, jitter: u16) -> u64
     jittered.max(server)
 }
 
+/// A duration in whole milliseconds, saturating.
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Whole seconds until `retry_at_ms`, at least 1: the value of a `Retry-After` header.
 pub fn retry_after_s(retry_at_ms: u64, now_ms: u64) -> u64 {
     retry_at_ms.saturating_sub(now_ms).div_ceil(1000).max(1)

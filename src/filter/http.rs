@@ -113,7 +113,7 @@ impl Http {
                 let waiter = Waiter {
                     context_id: self.id,
                     since_ms: now,
-                    deadline_ms: now + millis(config.wait_budget()),
+                    deadline_ms: now + lifetime::millis(config.wait_budget()),
                 };
                 self.vm
                     .add_waiter(identity.clone(), subject.clone(), waiter);
@@ -167,10 +167,6 @@ impl Http {
 
 fn internal(message: &str) -> Failure {
     Failure::new(Code::InternalError, message)
-}
-
-fn millis(d: std::time::Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Context for Http {}

@@ -140,7 +140,7 @@ impl Root {
             Lookup::Use { refresh: false, .. } | Lookup::Backoff(_) => return,
             Lookup::Use { refresh: true, .. } | Lookup::Miss => {}
         }
-        let deadline = now + millis(config.lease_duration());
+        let deadline = now + lifetime::millis(config.lease_duration());
         match lease::try_acquire(&Shared, &identity, self.vm.owner, now, deadline) {
             Ok(Acquire::Acquired) => self.begin(&config, identity, subject),
             Ok(Acquire::Held(_)) => {}
@@ -539,7 +539,7 @@ impl Root {
                         _ => true,
                     };
                 if due {
-                    let deadline = now + millis(config.lease_duration());
+                    let deadline = now + lifetime::millis(config.lease_duration());
                     if let Ok(Acquire::Acquired) =
                         lease::try_acquire(&Shared, &identity, self.vm.owner, now, deadline)
                     {
@@ -617,7 +617,7 @@ fn subject_record(config: &Config, subject: Secret, exp_s: Option<u64>, now: u64
     let reread = match &config.subject {
         SubjectSource::Kubernetes {
             refresh_interval, ..
-        } => now + millis(*refresh_interval),
+        } => now + lifetime::millis(*refresh_interval),
         _ => u64::MAX,
     };
     SubjectRecord {
@@ -627,10 +627,6 @@ fn subject_record(config: &Config, subject: Secret, exp_s: Option<u64>, now: u64
         refresh_at_ms: plan.refresh_at_ms.min(reread),
         expires_at_ms: plan.expires_at_ms,
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Context for Root {
