@@ -215,6 +215,14 @@ pub fn read<T: for<'de> Deserialize<'de>>(
         .and_then(|(bytes, cas)| serde_json::from_slice(&bytes).ok().map(|v| (v, cas))))
 }
 
+/// The token record of `identity`; a missing, unreadable or undecodable one is `None` (a miss).
+pub fn record(store: &dyn SharedStore, identity: &IdentityKey) -> Option<Record> {
+    read::<Record>(store, &token_key(identity))
+        .ok()
+        .flatten()
+        .map(|(r, _)| r)
+}
+
 /// Read-modify-write with CAS: `change` gets the current value and returns the new one, or
 /// `None` to leave it as it is. Returns what was written.
 pub fn update<T, F>(

@@ -36,7 +36,7 @@ impl Config {
     /// The longest a request may wait for a token: a subject fetch and an exchange, twice
     /// (a lost leader's lease runs out once), plus a margin.
     pub fn wait_budget(&self) -> Duration {
-        (self.lease_duration()) * 2
+        self.lease_duration() * 2
     }
 
     /// How long a worker holds an identity's lease while it fetches.

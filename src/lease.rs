@@ -112,7 +112,8 @@ pub fn release(
     Err(StoreError::CasMismatch)
 }
 
-/// The live lease on `identity`, if any.
+/// The live lease on `identity`, if any (what the tests assert on).
+#[cfg(test)]
 pub fn holder(
     store: &dyn SharedStore,
     identity: &IdentityKey,

@@ -31,14 +31,6 @@ impl Secret {
         let digest = Sha256::digest(self.0.as_bytes());
         hex(&digest[..6])
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 impl fmt::Debug for Secret {

@@ -87,10 +87,7 @@ impl Http {
                 None,
             );
         }
-        let record = cache::read::<Record>(&Shared, &cache::token_key(&identity))
-            .ok()
-            .flatten()
-            .map(|(r, _)| r);
+        let record = cache::record(&Shared, &identity);
         match lookup(record.as_ref(), now) {
             Lookup::Use { token, refresh } => {
                 let bearer = format!("Bearer {}", token.expose());

@@ -57,7 +57,6 @@ pub struct Want {
 pub struct Vm {
     /// Names this VM in lease records.
     pub owner: u64,
-    pub root_id: Cell<u32>,
     /// This VM's own wake-up queue: an HTTP context enqueues, the root context runs.
     pub queue: Cell<Option<u32>>,
     pub metrics: RefCell<Metrics>,
@@ -69,10 +68,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(root_id: u32) -> Rc<Vm> {
+    pub fn new() -> Rc<Vm> {
         Rc::new(Vm {
             owner: host::random_u64(),
-            root_id: Cell::new(root_id),
             queue: Cell::new(None),
             metrics: RefCell::new(Metrics::default()),
             waiting: RefCell::new(BTreeMap::new()),

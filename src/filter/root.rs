@@ -87,7 +87,7 @@ impl Root {
     pub fn new(id: u32) -> Root {
         Root {
             id,
-            vm: Vm::new(id),
+            vm: Vm::new(),
             config: None,
             gateway: None,
             jobs: BTreeMap::new(),
@@ -136,7 +136,7 @@ impl Root {
             return;
         }
         let now = host::now_ms();
-        match lookup(read_record(&identity).as_ref(), now) {
+        match lookup(cache::record(&Shared, &identity).as_ref(), now) {
             Lookup::Use { refresh: false, .. } | Lookup::Backoff(_) => return,
             Lookup::Use { refresh: true, .. } | Lookup::Miss => {}
         }
@@ -502,7 +502,7 @@ impl Root {
             .map(|(k, w)| (k.clone(), w.subject.clone()))
             .collect();
         for (identity, subject) in identities {
-            let record = read_record(&identity);
+            let record = cache::record(&Shared, &identity);
             self.settle(&identity, record.as_ref(), now);
             if self.vm.waiting.borrow().contains_key(&identity) {
                 // Still waiting: start a fetch if nobody (alive) is running one.
@@ -521,7 +521,7 @@ impl Root {
             return;
         }
         let now = host::now_ms();
-        let record = read_record(&identity);
+        let record = cache::record(&Shared, &identity);
         let backing_off = record
             .as_ref()
             .and_then(|r| r.failure.as_ref())
@@ -597,13 +597,6 @@ impl Root {
             self.tick = Some(want);
         }
     }
-}
-
-fn read_record(identity: &IdentityKey) -> Option<Record> {
-    cache::read::<Record>(&Shared, &cache::token_key(identity))
-        .ok()
-        .flatten()
-        .map(|(r, _)| r)
 }
 
 fn subject_record(config: &Config, subject: Secret, exp_s: Option<u64>, now: u64) -> SubjectRecord {
