@@ -75,9 +75,10 @@ impl SourceError {
     }
 }
 
-/// A fetched token with less life than this left is as good as expired: an exchange with it
-/// would race its expiry.
-pub const MIN_SUBJECT_LIFETIME_S: u64 = 2;
+/// A fetched token with no more life than this left is as good as expired: an exchange with it
+/// would race its expiry. One second, not more: with whole-second `exp` and `now`, a larger
+/// margin refuses subjects that still have seconds to live (half the life of a 4 s token).
+pub const MIN_SUBJECT_LIFETIME_S: u64 = 1;
 
 /// Largest answer read from a source.
 pub const MAX_SOURCE_RESPONSE_BYTES: usize = 64 * 1024;
