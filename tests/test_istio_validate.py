@@ -82,7 +82,7 @@ def test_manifests_pass_the_schemas(manifests, catalog):
 
 
 def test_manifests_pass_the_cross_checks(manifests):
-    findings = iv.cross_check(manifests)
+    findings = iv.cross_check(manifests, template=True)
     failed = [f.line() for f in findings if not f.ok]
     assert not failed, "\n".join(failed)
     # Every plugin's token endpoint and platform source was resolved.
@@ -90,7 +90,7 @@ def test_manifests_pass_the_cross_checks(manifests):
     sources = {(d.spec["pluginConfig"]["subject_token"]["source"], d.namespace) for d in plugins}
     assert sources == {("header", "istio-system"), ("kubernetes", "istio-system"), ("gcp_metadata", "istio-system"),
                        ("azure_imds", "istio-system"), ("spiffe", "istio-system"), ("header", "ai"), ("kubernetes", "ai")}
-    resolved = [f for f in findings if " cluster " in f.subject]
+    resolved = [f for f in findings if " cluster " in f.subject or "token_endpoint.cluster " in f.subject]
     assert len(resolved) == len(plugins) + sum(1 for s, _ in sources if s != "header")
 
 
@@ -98,11 +98,16 @@ def test_manifests_follow_the_plugin_contract(manifests):
     for doc in (d for d in manifests if d.kind == "WasmPlugin"):
         spec = doc.spec
         assert spec["url"].startswith("oci://") and "/openai-wif:" in spec["url"]
-        assert (spec["phase"], spec["failStrategy"], spec["imagePullPolicy"]) == ("AUTHN", "FAIL_CLOSE", "IfNotPresent")
+        assert (spec["phase"], spec["failStrategy"], spec["imagePullPolicy"]) == ("STATS", "FAIL_RELOAD", "IfNotPresent")
+        assert spec["match"] == [{"mode": "CLIENT", "ports": [{"number": 80}]}]
         config = spec["pluginConfig"]
-        assert config["token_endpoint"]["cluster"] == "outbound|443||auth.openai.com"
+        gateway = doc.namespace == "istio-system"
+        assert config["token_endpoint"]["cluster"] == ("outbound|443||auth.openai.com" if gateway else
+                                                       "outbound|80|openai-auth|istio-egressgateway.istio-system.svc.cluster.local")
         assert config["token_endpoint"]["authority"] == "auth.openai.com"
         assert config["hosts"] == ["api.openai.com"]
+        if gateway:
+            assert spec["selector"]["matchLabels"] == {"istio": "egressgateway", "app": "istio-egressgateway"}
 
 
 def test_envoy_loads_the_envoyfilter_patches(manifests):
@@ -114,8 +119,8 @@ def test_envoy_loads_the_envoyfilter_patches(manifests):
 
 
 def test_cli_prints_one_line_per_document_and_succeeds():
-    proc = subprocess.run([sys.executable, "-m", "tools.istio_validate"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "tools.istio_validate", "--template"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     docs = iv.collect_documents([iv.ISTIO_DIR])
     statuses = ("OK ", "BASIC ", "SKIP ", "FAIL ")
@@ -139,7 +144,7 @@ def test_without_shared_schemas_the_cross_checks_still_run(monkeypatch):
     monkeypatch.setattr(iv, "DEFAULT_CRDS", Path("/nonexistent/shared/istio/crd-all.gen.yaml"))
     out = io.StringIO()
     with redirect_stdout(out):
-        status = iv.main([])
+        status = iv.main(["--template"])
     text = out.getvalue()
     assert text.startswith("skipped: ../shared/istio not found")
     assert "SKIP  istio/" in text and "cross-check" in text
@@ -219,8 +224,10 @@ def test_unknown_istio_versions_are_rejected(catalog):
 # --- cross-checks can fail -------------------------------------------------------------------------
 
 
-def failures(docs) -> list[str]:
-    return [f.line() for f in iv.cross_check(docs) if not f.ok]
+def failures(docs, template=True) -> list[str]:
+    """The failed cross-checks; `template` accepts the committed image placeholders, so that only
+    the defect a test introduces fails."""
+    return [f.line() for f in iv.cross_check(docs, template=template) if not f.ok]
 
 
 def without(docs, predicate):
@@ -258,10 +265,13 @@ def test_platform_clusters_need_their_service_entries(manifests):
 
 
 def test_service_entries_must_be_visible_to_the_plugin(manifests):
-    docs = edited(manifests, lambda d: d.name == "openai-auth", lambda o: o["spec"].update(exportTo=["."]))
+    # auth.openai.com is the gateway's alone (exportTo "."): exported elsewhere only, the gateway
+    # plugins and the gateway leg of the sidecar variants' exchanges lose their cluster.
+    docs = edited(manifests, lambda d: d.name == "openai-auth", lambda o: o["spec"].update(exportTo=["ai"]))
     lines = failures(docs)
-    assert any("ai/openai-wif-sidecar" in l and "not exported to namespace ai" in l for l in lines)
-    assert not any("istio-system/openai-wif " in l and "auth.openai.com" in l for l in lines)
+    assert sum("istio-system/openai-wif " in l and "not exported to namespace istio-system" in l for l in lines) == 5
+    assert sum("ai/openai-wif-sidecar" in l and "at the gateway: no ServiceEntry not exported to namespace istio-system"
+               in l for l in lines) == 2
 
 
 def test_added_clusters_must_exist_for_the_plugins_proxies(manifests):
@@ -352,13 +362,6 @@ def test_selectors_must_select_the_gateway(manifests):
     assert sum("WasmPlugin istio-system/openai-wif" in l and "matches no Gateway" in l for l in lines) == 5
 
 
-def test_plugins_must_be_pinned_and_fail_closed(manifests):
-    docs = edited(manifests, lambda d: d.kind == "WasmPlugin" and "header/" in d.source,
-                  lambda o: o["spec"].update(sha256="", failStrategy="FAIL_OPEN"))
-    lines = failures(docs)
-    assert any("must be pinned with sha256" in l and "FAIL_CLOSE" in l for l in lines)
-
-
 def test_envoy_rejects_a_misspelt_patch(manifests):
     envoy = iv.find_envoy()
     assert envoy
@@ -367,6 +370,247 @@ def test_envoy_rejects_a_misspelt_patch(manifests):
     findings = iv.envoy_check(docs, envoy)
     assert [f.ok for f in findings].count(False) == 1
     assert "connect_timeoutt" in next(f.message for f in findings if not f.ok)
+
+
+# --- Istio semantics: each rule refuses a bad manifest, naming the rule and the file ---------------
+
+RULE_PASSES = {  # rule -> findings it makes on the shipped manifests (all must pass)
+    iv.RULE_PHASE: 7, iv.RULE_FAIL: 7, iv.RULE_MATCH: 5, iv.RULE_HOSTS: 1, iv.RULE_SELECTOR: 9,
+    iv.RULE_PINNED: 7, iv.RULE_SIDECAR_TOKEN: 2, iv.RULE_TLS_EXPORT: 2,
+}
+
+
+def refused(docs, rule, path, template=True) -> list[str]:
+    """The failed findings of `rule` for documents of `path`; asserts there is one."""
+    lines = [l for l in failures(docs, template) if f"[{rule}]" in l and path in l]
+    assert lines, f"no [{rule}] failure for {path} among:\n" + "\n".join(failures(docs, template))
+    return lines
+
+
+@pytest.mark.parametrize("rule", sorted(RULE_PASSES))
+def test_shipped_manifests_pass_every_rule(manifests, rule):
+    findings = [f for f in iv.cross_check(manifests, template=True) if f"[{rule}]" in f.message]
+    assert len(findings) == RULE_PASSES[rule]
+    assert all(f.ok for f in findings), "\n".join(f.line() for f in findings if not f.ok)
+
+
+def is_plugin(part):
+    return lambda d: d.kind == "WasmPlugin" and part in d.source
+
+
+def test_phase_must_be_stats(manifests):
+    lines = refused(edited(manifests, is_plugin("header/"), lambda o: o["spec"].update(phase="AUTHN")),
+                    iv.RULE_PHASE, "istio/header/wasmplugin.yaml")
+    assert "phase is AUTHN, must be STATS" in lines[0] and "AuthorizationPolicy refuses" in lines[0]
+    assert not any("sidecar-header/" in l for l in lines)
+    refused(edited(manifests, is_plugin("sidecar-kubernetes/"), lambda o: o["spec"].pop("phase")),
+            iv.RULE_PHASE, "istio/sidecar-kubernetes/wasmplugin.yaml")
+
+
+@pytest.mark.parametrize("strategy,expected", [
+    ("FAIL_CLOSE", "failStrategy is FAIL_CLOSE, must be FAIL_RELOAD"),
+    ("FAIL_OPEN", "FAIL_OPEN would forward requests without credentials"),
+    (None, "failStrategy is FAIL_CLOSE (default), must be FAIL_RELOAD"),
+])
+def test_fail_strategy_must_be_fail_reload(manifests, strategy, expected):
+    def edit(obj):
+        obj["spec"].pop("failStrategy")
+        if strategy:
+            obj["spec"]["failStrategy"] = strategy
+    docs = edited(manifests, is_plugin("kubernetes/"), edit)  # istio/kubernetes/ and istio/sidecar-kubernetes/
+    assert expected in refused(docs, iv.RULE_FAIL, "istio/kubernetes/wasmplugin.yaml")[0]
+    assert expected in refused(docs, iv.RULE_FAIL, "istio/sidecar-kubernetes/wasmplugin.yaml")[0]
+    assert len(failures(docs)) == 2
+
+
+@pytest.mark.parametrize("match,expected", [
+    (None, "no match: the plugin would run on every HTTP listener"),
+    ([{"mode": "SERVER", "ports": [{"number": 80}]}], "must have mode CLIENT"),
+    ([{"mode": "CLIENT_AND_SERVER", "ports": [{"number": 80}]}], "must have mode CLIENT"),
+    ([{"mode": "CLIENT", "ports": [{"number": 80}]}, {"mode": "CLIENT"}], "every match entry needs ports"),
+    ([{"mode": "CLIENT", "ports": [{"number": 443}]}], "match ports [443] must be the Gateway server port(s) [80]"),
+    ([{"mode": "CLIENT", "ports": [{"number": 80}, {"number": 8443}]}], "match ports [80, 8443] must be"),
+])
+def test_gateway_plugins_match_the_openai_server_port_only(manifests, match, expected):
+    def edit(obj):
+        obj["spec"].pop("match")
+        if match is not None:
+            obj["spec"]["match"] = match
+    lines = refused(edited(manifests, is_plugin("spiffe/"), edit), iv.RULE_MATCH, "istio/spiffe/wasmplugin.yaml")
+    assert expected in lines[0]
+
+
+def test_gateway_plugin_match_follows_the_gateway_server_port(manifests):
+    # The Gateway moved to 8080: the plugins' match must move with it.
+    def move(obj):
+        for server in obj["spec"]["servers"]:
+            server["port"]["number"] = 8080
+    lines = refused(edited(manifests, lambda d: d.kind == "Gateway", move), iv.RULE_MATCH, "istio/header/wasmplugin.yaml")
+    assert "match ports [80] must be the Gateway server port(s) [8080]" in lines[0]
+
+
+@pytest.mark.parametrize("host,ok", [
+    ("api.openai.com", False), ("*/api.openai.com", False), ("ai/api.openai.com", False),
+    ("./api.openai.com", True), ("istio-system/api.openai.com", True),
+])
+def test_gateway_hosts_are_pinned_to_the_gateway_namespace(manifests, host, ok):
+    docs = edited(manifests, lambda d: d.kind == "Gateway",
+                  lambda o: o["spec"]["servers"][0].update(hosts=[host]))
+    if ok:
+        assert not [l for l in failures(docs) if f"[{iv.RULE_HOSTS}]" in l]
+    else:
+        lines = refused(docs, iv.RULE_HOSTS, "istio/egress-gateway/gateway.yaml")
+        assert f"hosts ['{host}'] must be istio-system/<host>" in lines[0]
+
+
+@pytest.mark.parametrize("kind,path,key", [
+    ("WasmPlugin", "istio/gcp-metadata/wasmplugin.yaml", "app"),
+    ("AuthorizationPolicy", "istio/egress-gateway/authorizationpolicy.yaml", "app"),
+    ("EnvoyFilter", "istio/kubernetes/token-file-envoyfilter.yaml", "app"),
+    ("Gateway", "istio/egress-gateway/gateway.yaml", "istio"),
+])
+def test_root_namespace_selectors_name_both_gateway_labels(manifests, kind, path, key):
+    def drop(obj):
+        selector = obj["spec"].get("workloadSelector", obj["spec"].get("selector"))
+        labels = selector.get("labels", selector.get("matchLabels", selector))
+        labels.pop(key)
+    docs = edited(manifests, lambda d: d.kind == kind and d.source.endswith(path), drop)
+    lines = refused(docs, iv.RULE_SELECTOR, path)
+    assert f"lacks ['{key}']" in lines[0] and "every namespace" in lines[0]
+
+
+def test_application_namespace_selectors_need_only_their_own_labels(manifests):
+    findings = [f for f in iv.cross_check(manifests, template=True) if f"[{iv.RULE_SELECTOR}]" in f.message]
+    assert not any(" ai/" in f.subject for f in findings)
+
+
+def test_the_committed_placeholders_are_refused_unless_template(manifests):
+    # Before `kubectl apply` (no --template): every plugin is refused until it is pinned.
+    lines = [l for l in failures(manifests, template=False)]
+    assert len(lines) == 7 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
+    for part in ("header", "kubernetes", "gcp-metadata", "azure-imds", "spiffe", "sidecar-header", "sidecar-kubernetes"):
+        assert any(f"istio/{part}/wasmplugin.yaml" in l for l in lines), part
+    assert "the all-zero sha256 and the repository placeholder" in lines[0]
+    assert "--pin istio --repository" in lines[0]
+
+
+@pytest.mark.parametrize("digest", ["", None])
+def test_a_missing_digest_is_refused_even_as_a_template(manifests, digest):
+    def edit(obj):
+        obj["spec"].pop("sha256")
+        if digest is not None:
+            obj["spec"]["sha256"] = digest
+    lines = refused(edited(manifests, is_plugin("azure-imds/"), edit), iv.RULE_PINNED,
+                    "istio/azure-imds/wasmplugin.yaml", template=True)
+    assert "no sha256" in lines[0]
+
+
+def test_cli_refuses_the_unpinned_manifests():
+    proc = subprocess.run([sys.executable, "-m", "tools.istio_validate"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    failed = [l for l in proc.stdout.splitlines() if l.startswith("FAIL")]
+    assert len(failed) == 7 and all(f"[{iv.RULE_PINNED}]" in l for l in failed)
+
+
+def pin_copy(tmp_path, *repository) -> tuple[Path, str]:
+    """istio/ copied and pinned by the CLI `make pin` runs, for a stand-in module."""
+    import shutil
+    copy_dir = tmp_path / "istio"
+    shutil.copytree(iv.ISTIO_DIR, copy_dir)
+    module = tmp_path / "module.wasm"
+    module.write_bytes(b"\x00asm\x01\x00\x00\x00" + bytes(range(256)))
+    proc = subprocess.run([sys.executable, "-m", "tools.oci_image", "--module", str(module), "--out",
+                           str(tmp_path / "oci-image"), "--tag", "1.2.3", "--pin", str(copy_dir), *repository],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("pinned ") == 7
+    return copy_dir, proc.stdout.strip().splitlines()[-1]
+
+
+def test_pinned_manifests_pass_every_check(tmp_path, catalog):
+    pinned, digest = pin_copy(tmp_path, "--repository", "ghcr.io/acme/openai-wif")
+    docs = iv.collect_documents([pinned])
+    assert all(iv.validate_document(d, catalog).status in ("OK", "BASIC") for d in docs)
+    assert not failures(docs, template=False)
+    plugins = [d for d in docs if d.kind == "WasmPlugin"]
+    assert {(d.spec["url"], d.spec["sha256"]) for d in plugins} == {
+        ("oci://ghcr.io/acme/openai-wif:1.2.3", digest.split(":", 1)[1])}
+    assert all("phase: STATS" in Path(d.source).read_text() for d in plugins)  # comments and fields stay
+
+
+def test_make_pin_without_a_repository_leaves_only_the_repository_to_set(tmp_path):
+    pinned, _ = pin_copy(tmp_path)  # `make pin`: digest and tag, the repository stays ghcr.io/<org>/...
+    lines = failures(iv.collect_documents([pinned]), template=False)
+    assert len(lines) == 7 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
+    assert all("the repository placeholder in oci://ghcr.io/<org>/openai-wif:1.2.3" in l and "all-zero" not in l
+               for l in lines)
+
+
+def is_sidecar_plugin(d):
+    return is_plugin("sidecar-header/")(d)
+
+
+def test_sidecar_token_exchange_must_go_through_the_gateway(manifests):
+    def direct(obj):
+        obj["spec"]["pluginConfig"]["token_endpoint"]["cluster"] = "outbound|443||auth.openai.com"
+    lines = refused(edited(manifests, is_sidecar_plugin, direct), iv.RULE_SIDECAR_TOKEN,
+                    "istio/sidecar-header/wasmplugin.yaml")
+    assert "must go through the egress gateway" in lines[0] and "from the application's pod" in lines[0]
+
+    def elsewhere(obj):
+        obj["spec"]["pluginConfig"]["token_endpoint"]["cluster"] = "outbound|80|openai-auth|proxy.ai.svc.cluster.local"
+    lines = refused(edited(manifests, is_sidecar_plugin, elsewhere), iv.RULE_SIDECAR_TOKEN,
+                    "istio/sidecar-header/wasmplugin.yaml")
+    assert "proxy.ai.svc.cluster.local is not the egress gateway's Service" in lines[0]
+
+
+def test_sidecar_token_exchange_needs_the_gateway_subset_server_and_route(manifests):
+    path = "istio/sidecar-kubernetes/wasmplugin.yaml"
+
+    def subset(edit):
+        def apply(obj):
+            entry = next(s for s in obj["spec"]["subsets"] if s["name"] == "openai-auth")
+            edit(entry["trafficPolicy"]["portLevelSettings"][0]["tls"])
+        return edited(manifests, lambda d: d.name == "egress-gateway-for-openai", apply)
+
+    lines = refused(subset(lambda tls: tls.update(sni="api.openai.com")), iv.RULE_SIDECAR_TOKEN, path)
+    assert "subset openai-auth must use tls mode ISTIO_MUTUAL with sni auth.openai.com" in lines[0]
+    lines = refused(subset(lambda tls: tls.update(mode="SIMPLE")), iv.RULE_SIDECAR_TOKEN, path)
+    assert "must use tls mode ISTIO_MUTUAL" in lines[0]
+
+    docs = edited(manifests, lambda d: d.name == "egress-gateway-for-openai",
+                  lambda o: o["spec"].update(subsets=o["spec"]["subsets"][:1]))
+    assert "defines subset openai-auth" in refused(docs, iv.RULE_SIDECAR_TOKEN, path)[0]
+
+    docs = edited(manifests, lambda d: d.kind == "Gateway", lambda o: o["spec"].update(servers=o["spec"]["servers"][:1]))
+    assert "no Gateway has an ISTIO_MUTUAL server on port 80 for host auth.openai.com" in \
+        refused(docs, iv.RULE_SIDECAR_TOKEN, path)[0]
+
+    docs = without(manifests, lambda d: d.name == "openai-auth-through-egress-gateway")
+    assert "no VirtualService bound to Gateway istio-system/openai-egress" in refused(docs, iv.RULE_SIDECAR_TOKEN, path)[0]
+
+    docs = edited(manifests, lambda d: d.name == "openai-auth-tls",
+                  lambda o: o["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"].update(mode="DISABLE"))
+    assert "at the gateway: port 443 of auth.openai.com needs a DestinationRule with tls.mode SIMPLE" in \
+        refused(docs, iv.RULE_SIDECAR_TOKEN, path)[0]
+
+
+@pytest.mark.parametrize("name", ["openai-api-tls", "openai-auth-tls"])
+@pytest.mark.parametrize("export", [None, ["*"], [".", "ai"]])
+def test_tls_origination_is_not_exported(manifests, name, export):
+    def edit(obj):
+        obj["spec"].pop("exportTo")
+        if export is not None:
+            obj["spec"]["exportTo"] = export
+    lines = refused(edited(manifests, lambda d: d.name == name, edit), iv.RULE_TLS_EXPORT,
+                    "istio/egress-gateway/destinationrules.yaml")
+    assert len(lines) == 1 and name in lines[0] and 'must be ["."]' in lines[0] and "TLS inside TLS" in lines[0]
+
+
+def test_mesh_mtls_to_the_gateway_stays_exported(manifests):
+    findings = [f for f in iv.cross_check(manifests, template=True) if "egress-gateway-for-openai" in f.subject]
+    assert not any(f"[{iv.RULE_TLS_EXPORT}]" in f.message for f in findings)  # ISTIO_MUTUAL is not origination
 
 
 # --- YAML as kubectl reads it ------------------------------------------------------------------------

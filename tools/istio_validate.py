@@ -1,6 +1,6 @@
 """Offline validation of the Istio manifests in istio/.
 
-    python -m tools.istio_validate [--crds PATH] [--envoy PATH] [PATHS...]
+    python -m tools.istio_validate [--crds PATH] [--envoy PATH] [--template] [PATHS...]
 
 Three checks, one output line per document or finding:
 
@@ -16,8 +16,24 @@ Three checks, one output line per document or finding:
 2. Cross-checks between documents: each cluster named in a WasmPlugin's pluginConfig exists
    (an Istio `outbound|port||host` cluster with its ServiceEntry and, for TLS ports, a SIMPLE
    DestinationRule; or a cluster an EnvoyFilter adds, with the listener, volume or socket it
-   needs; the token-file listener on 127.0.0.1 only), gateways named by VirtualServices exist, WasmPlugin and AuthorizationPolicy selectors
-   select the egress gateway, OCI plugins are pinned by digest and fail closed.
+   needs; the token-file listener on 127.0.0.1 only), gateways named by VirtualServices exist,
+   WasmPlugin and AuthorizationPolicy selectors select the egress gateway. Then Istio's semantics,
+   each finding naming its rule:
+   - phase-stats: every WasmPlugin runs in phase STATS, after Istio's RBAC filter.
+   - fail-reload: every WasmPlugin has failStrategy FAIL_RELOAD (fails closed; never FAIL_OPEN).
+   - gateway-plugin-match: gateway WasmPlugins match mode CLIENT on the port of the Gateway server
+     that serves their hosts (80), not every listener of the gateway.
+   - gateway-hosts-namespaced: Gateway server hosts are `<gateway namespace>/<host>`.
+   - root-selector-labels: selectors in the root namespace (istio-system) name both `istio` and
+     `app`.
+   - image-pinned: every WasmPlugin has a sha256, and neither the all-zero placeholder digest nor
+     a `<org>` repository placeholder. `--template` accepts exactly those placeholders: for the
+     repository's own istio/ (`make validate`), never for manifests about to be applied.
+   - sidecar-token-via-gateway: a sidecar WasmPlugin's token endpoint cluster is a subset of the
+     egress gateway's Service (ISTIO_MUTUAL, SNI = the token endpoint's host) that a Gateway
+     server and VirtualService take to the token endpoint with TLS originated at the gateway.
+   - tls-origination-export: DestinationRules that originate TLS are exported to their own
+     namespace only (exportTo ["."]), the egress gateway's.
 3. Envoy: the listeners and clusters that EnvoyFilters add are loaded by a real Envoy in
    `--mode validate` (when an envoy binary is available), since the CRD does not check them.
 
@@ -774,7 +790,10 @@ class Manifests:
 
 
 def _tls_mode_for(dr: Document, port: int) -> dict | None:
-    policy = dr.spec.get("trafficPolicy") or {}
+    return _tls_for_policy(dr.spec.get("trafficPolicy") or {}, port)
+
+
+def _tls_for_policy(policy: dict, port: int) -> dict | None:
     for setting in policy.get("portLevelSettings") or []:
         if (setting.get("port") or {}).get("number") == port and setting.get("tls"):
             return setting["tls"]
@@ -916,6 +935,134 @@ def _check_added_cluster(m: Manifests, plugin: Document, name: str, source: str 
 
 _OUTBOUND = re.compile(r"^outbound\|(\d+)\|([^|]*)\|(.+)$")
 
+# The semantic rules, named in every finding they produce.
+RULE_PHASE = "phase-stats"
+RULE_FAIL = "fail-reload"
+RULE_MATCH = "gateway-plugin-match"
+RULE_HOSTS = "gateway-hosts-namespaced"
+RULE_SELECTOR = "root-selector-labels"
+RULE_PINNED = "image-pinned"
+RULE_SIDECAR_TOKEN = "sidecar-token-via-gateway"
+RULE_TLS_EXPORT = "tls-origination-export"
+
+# What `make pin` / `python -m tools.oci_image --pin` rewrites: the committed placeholders.
+PLACEHOLDER_DIGEST = "0" * 64
+PLACEHOLDER_MARK = re.compile(r"<[^>]*>")  # e.g. ghcr.io/<org>/openai-wif
+PIN_COMMAND = ("python -m tools.oci_image --module target/wasm32-wasip1/release/openai_wif.wasm "
+               "--out target/oci-image --pin istio --repository ghcr.io/<org>/openai-wif")
+# Labels every root-namespace selector must carry: both labels the istio/gateway Helm chart sets on
+# the pods of a release (app: <release>, istio: <release without "istio-">).
+ROOT_SELECTOR_KEYS = ("istio", "app")
+
+
+def _rule(rule: str, ok: bool, subject: str, message: str) -> Finding:
+    return Finding(ok, subject, f"[{rule}] {message}")
+
+
+def _server_host(host: str) -> tuple[str, str]:
+    """(namespace part, host) of a Gateway server host: `ns/host`, `./host`, `*/host` or `host`."""
+    namespace, slash, name = host.rpartition("/")
+    return (namespace if slash else ""), name
+
+
+def _gateway_refs(vs: Document) -> list[tuple[str, str]]:
+    """The (namespace, name) of every Gateway a VirtualService names, `mesh` excluded."""
+    names = list(vs.spec.get("gateways") or [])
+    for route in vs.spec.get("http") or []:
+        for match in route.get("match") or []:
+            names += match.get("gateways") or []
+    refs = []
+    for name in dict.fromkeys(names):
+        if name != "mesh":
+            namespace, _, gw = name.rpartition("/")
+            refs.append((namespace or vs.namespace, gw))
+    return refs
+
+
+def _mesh_route_destinations(m: Manifests) -> set[str]:
+    """The hosts that routes of the `mesh` gateway (sidecars) send to: the egress gateway's Service."""
+    hosts = set()
+    for vs in m.kind("VirtualService"):
+        bound = vs.spec.get("gateways") or ["mesh"]
+        for route in vs.spec.get("http") or []:
+            matched = [g for match in route.get("match") or [] for g in match.get("gateways") or []]
+            if "mesh" in (matched or bound):
+                hosts.update((dest.get("destination") or {}).get("host") for dest in route.get("route") or [])
+    return {h for h in hosts if h}
+
+
+def _is_gateway_plugin(m: Manifests, plugin: Document) -> bool:
+    """A plugin for the egress gateway: it selects a Gateway's pods or lives beside a Gateway
+    (istio-system); any other plugin runs in application sidecars."""
+    return m.targets_gateway(plugin) or plugin.namespace in {g.namespace for g in m.kind("Gateway")}
+
+
+def _plugin_gateways(m: Manifests, plugin: Document) -> list[Document]:
+    labels = _labels(plugin.spec.get("selector"))
+    return [g for g in m.kind("Gateway") if labels and _subset(labels, _labels(g.spec.get("selector")))
+            and plugin.namespace in (g.namespace, ROOT_NAMESPACE)]
+
+
+def _check_token_via_gateway(m: Manifests, plugin: Document, cluster: str) -> Finding:
+    """A sidecar plugin's token exchange: a callout goes straight to its cluster (no VirtualService
+    applies), so it must name the cluster of a DestinationRule subset of the egress gateway's
+    Service, over Istio mutual TLS with the token endpoint's SNI, which a Gateway server and a
+    VirtualService then take to the token endpoint with TLS originated at the gateway."""
+    subject = f"{plugin.ref} token_endpoint.cluster {cluster}"
+    authority = ((plugin.spec.get("pluginConfig") or {}).get("token_endpoint") or {}).get("authority", "")
+    match = _OUTBOUND.match(cluster)
+    if not match or not match.group(2):
+        return _rule(RULE_SIDECAR_TOKEN, False, subject,
+                     "a sidecar plugin's token exchange must go through the egress gateway: a callout goes "
+                     "straight to its cluster, so this one would connect from the application's pod to the "
+                     "internet (refused where only the gateway may leave). Use outbound|80|<subset>|<gateway "
+                     f"Service host>, a DestinationRule subset with tls ISTIO_MUTUAL and sni {authority}")
+    port, subset, host = int(match.group(1)), match.group(2), match.group(3)
+    gateway_services = _mesh_route_destinations(m)
+    if host not in gateway_services:
+        return _rule(RULE_SIDECAR_TOKEN, False, subject,
+                     f"{host} is not the egress gateway's Service (the mesh routes API calls to "
+                     f"{', '.join(sorted(gateway_services)) or 'no Service'})")
+    subsets = [(dr, s) for dr in m.kind("DestinationRule") if dr.spec.get("host") == host
+               and _visible(dr, plugin.namespace) for s in dr.spec.get("subsets") or [] if s.get("name") == subset]
+    if not subsets:
+        return _rule(RULE_SIDECAR_TOKEN, False, subject, f"no DestinationRule visible to namespace "
+                     f"{plugin.namespace} defines subset {subset} of {host}: Istio would not generate this cluster")
+    dr, entry = subsets[0]
+    tls = _tls_for_policy(entry.get("trafficPolicy") or {}, port) or _tls_mode_for(dr, port) or {}
+    if tls.get("mode") != "ISTIO_MUTUAL" or tls.get("sni") != authority:
+        return _rule(RULE_SIDECAR_TOKEN, False, subject,
+                     f"{dr.ref} subset {subset} must use tls mode ISTIO_MUTUAL with sni {authority} on port {port} "
+                     f"(the gateway picks its server by SNI); got {tls or 'no tls settings'}")
+    servers = [(g, server) for g in m.kind("Gateway") for server in g.spec.get("servers") or []
+               if (server.get("port") or {}).get("number") == port
+               and (server.get("tls") or {}).get("mode") == "ISTIO_MUTUAL"
+               and any(_server_host(h)[1] == authority for h in server.get("hosts") or [])]
+    if not servers:
+        return _rule(RULE_SIDECAR_TOKEN, False, subject,
+                     f"no Gateway has an ISTIO_MUTUAL server on port {port} for host {authority}")
+    gateway, server = servers[0]
+    routes = []
+    for vs in m.kind("VirtualService"):
+        if authority not in (vs.spec.get("hosts") or []) or (gateway.namespace, gateway.name) not in _gateway_refs(vs):
+            continue
+        for route in vs.spec.get("http") or []:
+            for dest in route.get("route") or []:
+                d = dest.get("destination") or {}
+                if d.get("host") == authority and (d.get("port") or {}).get("number"):
+                    routes.append((vs, int(d["port"]["number"])))
+    if not routes:
+        return _rule(RULE_SIDECAR_TOKEN, False, subject, f"no VirtualService bound to {gateway.ref} routes "
+                     f"{authority} to {authority}:<port>")
+    vs, upstream_port = routes[0]
+    upstream = _check_outbound_cluster(m, gateway, f"outbound|{upstream_port}||{authority}", upstream_port, "",
+                                       authority)
+    if not upstream.ok:
+        return _rule(RULE_SIDECAR_TOKEN, False, subject, f"at the gateway: {upstream.message}")
+    return _rule(RULE_SIDECAR_TOKEN, True, subject,
+                 f"through the egress gateway: {dr.ref} subset {subset} (ISTIO_MUTUAL, sni {authority}) -> "
+                 f"{gateway.ref} server {(server.get('port') or {}).get('name')} -> {vs.ref} -> {upstream.message}")
+
 
 def check_plugin_clusters(m: Manifests) -> list[Finding]:
     findings = []
@@ -930,6 +1077,9 @@ def check_plugin_clusters(m: Manifests) -> list[Finding]:
             if not cluster:
                 findings.append(Finding(False, plugin.ref, f"pluginConfig.{where}.cluster is missing"))
                 continue
+            if where == "token_endpoint" and not _is_gateway_plugin(m, plugin):
+                findings.append(_check_token_via_gateway(m, plugin, cluster))
+                continue
             match = _OUTBOUND.match(cluster)
             if match:
                 findings.append(_check_outbound_cluster(m, plugin, cluster, int(match.group(1)), match.group(2),
@@ -940,10 +1090,10 @@ def check_plugin_clusters(m: Manifests) -> list[Finding]:
 
 
 def check_plugin_config(m: Manifests) -> list[Finding]:
-    """The pluginConfig follows the filter's configuration contract, and the plugin is pinned."""
+    """The pluginConfig follows the filter's configuration contract."""
     findings = []
     for plugin in m.kind("WasmPlugin"):
-        spec, config = plugin.spec, plugin.spec.get("pluginConfig") or {}
+        config = plugin.spec.get("pluginConfig") or {}
         problems = [f"{key} is missing" for key in ("identity_provider_id", "service_account_id", "token_endpoint",
                                                     "hosts") if not config.get(key)]
         source = (config.get("subject_token") or {}).get("source", "header")
@@ -952,16 +1102,166 @@ def check_plugin_config(m: Manifests) -> list[Finding]:
         for host in config.get("hosts") or []:
             if not any(host in (se.spec.get("hosts") or []) for se in m.kind("ServiceEntry")):
                 problems.append(f"host {host} has no ServiceEntry")
-        if str(spec.get("url", "")).startswith("oci://") and not spec.get("sha256"):
-            problems.append("an OCI plugin must be pinned with sha256 (the image manifest digest)")
-        if spec.get("failStrategy") != "FAIL_CLOSE":
-            problems.append("failStrategy must be FAIL_CLOSE (never forward requests without credentials)")
-        pinned = "pinned"
-        if set(str(spec.get("sha256", ""))) == {"0"}:
-            pinned = ("pinned to the placeholder digest (Istio will refuse the image until you run "
-                      "python -m tools.oci_image --module ... --out target/oci-image --pin istio)")
         findings.append(Finding(not problems, plugin.ref, "; ".join(problems) or
-                                f"source {source}, {pinned}, fail closed, hosts {config.get('hosts')}"))
+                                f"source {source}, hosts {config.get('hosts')}"))
+    return findings
+
+
+def check_phase(m: Manifests) -> list[Finding]:
+    """Istio orders a listener's HTTP filters: CUSTOM ext_authz, AUTHN plugins, authn, AUTHZ plugins,
+    RBAC (AuthorizationPolicy), STATS plugins (pilot/pkg/networking/core/listener_builder.go,
+    buildHTTPConnectionManager). Only STATS runs after the AuthorizationPolicy."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        phase = plugin.spec.get("phase", "UNSPECIFIED_PHASE")
+        ok = phase == "STATS"
+        findings.append(_rule(RULE_PHASE, ok, plugin.ref, "phase STATS: after Istio's RBAC filter" if ok else
+                              f"phase is {phase}, must be STATS: Istio orders HTTP filters CUSTOM ext_authz, AUTHN "
+                              "plugins, authn, AUTHZ plugins, RBAC, STATS plugins, so before STATS a request the "
+                              "AuthorizationPolicy refuses can still cause a token exchange"))
+    return findings
+
+
+def check_fail_strategy(m: Manifests) -> list[Finding]:
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        strategy = plugin.spec.get("failStrategy", "FAIL_CLOSE (default)")
+        if strategy == "FAIL_RELOAD":
+            findings.append(_rule(RULE_FAIL, True, plugin.ref, "FAIL_RELOAD: fails closed, a failed VM is replaced"))
+        elif strategy == "FAIL_OPEN":
+            findings.append(_rule(RULE_FAIL, False, plugin.ref, "failStrategy FAIL_OPEN would forward requests "
+                                  "without credentials when the module is missing: use FAIL_RELOAD"))
+        else:
+            findings.append(_rule(RULE_FAIL, False, plugin.ref, f"failStrategy is {strategy}, must be FAIL_RELOAD "
+                                  "(fails closed like FAIL_CLOSE, and a VM that failed is replaced for the next "
+                                  "request instead of failing every later request on its worker; Istio 1.27+)"))
+    return findings
+
+
+def check_gateway_plugin_match(m: Manifests) -> list[Finding]:
+    """A gateway plugin runs on the gateway's listener that serves its hosts only: Istio matches
+    gateway listeners as CLIENT (pilot/pkg/model/extensions.go, workloadModeForListenerClass),
+    and a plugin without `match` (or with an entry without ports) runs on every HTTP listener,
+    other egress hosts included, where a fail-closed plugin that cannot be fetched denies all."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        if not _is_gateway_plugin(m, plugin):
+            continue
+        hosts = set((plugin.spec.get("pluginConfig") or {}).get("hosts") or [])
+        expected = {(server.get("port") or {}).get("number") for g in _plugin_gateways(m, plugin)
+                    for server in g.spec.get("servers") or []
+                    if any(_server_host(h)[1] in hosts for h in server.get("hosts") or [])}
+        entries = plugin.spec.get("match") or []
+        ports = {(p or {}).get("number") for e in entries for p in (e or {}).get("ports") or []}
+        if not entries:
+            problem = ("no match: the plugin would run on every HTTP listener of the gateway (other egress hosts "
+                       "too), and deny them all when it fails closed")
+        elif any((e or {}).get("mode") != "CLIENT" for e in entries):
+            problem = "every match entry must have mode CLIENT (Istio matches gateway listeners as CLIENT)"
+        elif any(not (e or {}).get("ports") for e in entries):
+            problem = "every match entry needs ports (an entry without ports matches every listener)"
+        elif not expected:
+            problem = f"no Gateway server of the gateway it selects serves its hosts {sorted(hosts)}"
+        elif ports != expected:
+            problem = (f"match ports {sorted(ports)} must be the Gateway server port(s) {sorted(expected)} that serve "
+                       f"{sorted(hosts)}")
+        else:
+            problem = ""
+        findings.append(_rule(RULE_MATCH, not problem, plugin.ref, problem or
+                              f"mode CLIENT, ports {sorted(ports)} (the Gateway server for {sorted(hosts)})"))
+    return findings
+
+
+def check_gateway_hosts(m: Manifests) -> list[Finding]:
+    """Gateway server hosts carry the Gateway's namespace: only VirtualServices of that namespace
+    bind (pkg/config/host/names.go, NamesForNamespace; `./host` means the Gateway's namespace)."""
+    findings = []
+    for gateway in m.kind("Gateway"):
+        bad = [h for server in gateway.spec.get("servers") or [] for h in server.get("hosts") or []
+               if _server_host(h)[0] not in (".", gateway.namespace)]
+        findings.append(_rule(RULE_HOSTS, not bad, gateway.ref,
+                              f"hosts {bad} must be {gateway.namespace}/<host>: with a bare or */ host a "
+                              "VirtualService in any namespace can bind and add routes to the virtual host, where "
+                              "requests already carry the injected token" if bad else
+                              f"every server host is pinned to {gateway.namespace}"))
+    return findings
+
+
+def check_root_selectors(m: Manifests) -> list[Finding]:
+    """In the root namespace a selector applies to matching workloads in every namespace
+    (pilot/pkg/model/push_context.go looks plugins up in the proxy's and the root namespace), so
+    it must name both gateway labels: `istio` alone also selects another egress gateway release."""
+    findings = []
+    keys = {"WasmPlugin": "selector", "AuthorizationPolicy": "selector", "EnvoyFilter": "workloadSelector",
+            "Gateway": "selector"}
+    for kind, key in keys.items():
+        for doc in m.kind(kind):
+            if doc.namespace != ROOT_NAMESPACE:
+                continue
+            labels = _labels(doc.spec.get(key))
+            missing = [k for k in ROOT_SELECTOR_KEYS if k not in labels]
+            findings.append(_rule(RULE_SELECTOR, not missing, doc.ref,
+                                  f"{key} {labels} lacks {missing}: in the root namespace ({ROOT_NAMESPACE}) it "
+                                  f"applies to matching pods of every namespace; select on both "
+                                  f"{' and '.join(ROOT_SELECTOR_KEYS)}" if missing else
+                                  f"{key} has both {' and '.join(ROOT_SELECTOR_KEYS)}"))
+    return findings
+
+
+def check_image_pinned(m: Manifests, template: bool = False) -> list[Finding]:
+    """Every plugin is pinned by digest, and not to the committed placeholders (all-zero digest,
+    `<org>` in the repository), which `make pin` / `tools.oci_image --pin` replace. With
+    `template`, exactly those placeholders are accepted (the repository's own check of istio/)."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        url, digest = str(plugin.spec.get("url", "")), str(plugin.spec.get("sha256") or "")
+        placeholders = []
+        if digest == PLACEHOLDER_DIGEST:
+            placeholders.append("the all-zero sha256")
+        if PLACEHOLDER_MARK.search(url):
+            placeholders.append(f"the repository placeholder in {url}")
+        if not digest:
+            findings.append(_rule(RULE_PINNED, False, plugin.ref, "no sha256: Istio would run whatever the tag "
+                                  f"points at; pin the image digest ({PIN_COMMAND})"))
+        elif placeholders and template:
+            findings.append(_rule(RULE_PINNED, True, plugin.ref, f"template: {' and '.join(placeholders)} must be "
+                                  "pinned before applying"))
+        elif placeholders:
+            findings.append(_rule(RULE_PINNED, False, plugin.ref, f"not pinned: {' and '.join(placeholders)} are the "
+                                  "committed placeholders (Istio cannot fetch that image, and the plugin fails "
+                                  f"closed); after publishing the image run {PIN_COMMAND}"))
+        else:
+            findings.append(_rule(RULE_PINNED, True, plugin.ref, f"pinned to sha256 {digest[:12]}..."))
+    return findings
+
+
+def _originates_tls(dr: Document) -> bool:
+    policies = [dr.spec.get("trafficPolicy") or {}] + [s.get("trafficPolicy") or {} for s in dr.spec.get("subsets") or []]
+    settings = [p.get("tls") or {} for p in policies] + [s.get("tls") or {} for p in policies
+                                                           for s in p.get("portLevelSettings") or []]
+    return any(s.get("mode") in ("SIMPLE", "MUTUAL") for s in settings)
+
+
+def check_tls_origination_export(m: Manifests) -> list[Finding]:
+    """A DestinationRule that originates TLS (SIMPLE or MUTUAL) to an external host belongs to the
+    egress gateway only: exported mesh-wide, every sidecar would originate TLS too, and an
+    application's own TLS would be wrapped again (istio/istio#17031). exportTo "." in the root
+    namespace applies to proxies there (pilot/pkg/model/push_context.go, destinationRule)."""
+    findings = []
+    gateway_namespaces = {g.namespace for g in m.kind("Gateway")}
+    for dr in m.kind("DestinationRule"):
+        if not _originates_tls(dr):
+            continue
+        export = dr.spec.get("exportTo") or []
+        private = export in (["."], [dr.namespace])
+        problems = []
+        if not private:
+            problems.append(f"exportTo is {export or 'unset (mesh-wide)'}, must be [\".\"]: exported, sidecars "
+                            "originate TLS for this host too and an application's own TLS fails (TLS inside TLS)")
+        if dr.namespace not in gateway_namespaces:
+            problems.append(f"it must live in the egress gateway's namespace ({', '.join(sorted(gateway_namespaces)) or 'no Gateway found'})")
+        findings.append(_rule(RULE_TLS_EXPORT, not problems, dr.ref, "; ".join(problems) or
+                              f"originates TLS for {dr.spec.get('host')} in {dr.namespace} only"))
     return findings
 
 
@@ -969,16 +1269,8 @@ def check_gateway_references(m: Manifests) -> list[Finding]:
     findings = []
     gateways = {(g.namespace, g.name) for g in m.kind("Gateway")}
     for vs in m.kind("VirtualService"):
-        names = list(vs.spec.get("gateways") or [])
-        for route in vs.spec.get("http") or []:
-            for match in route.get("match") or []:
-                names += match.get("gateways") or []
-        for name in dict.fromkeys(names):
-            if name == "mesh":
-                continue
-            namespace, _, gw = name.rpartition("/")
-            key = (namespace or vs.namespace, gw)
-            findings.append(Finding(key in gateways, f"{vs.ref} gateway {name}",
+        for key in _gateway_refs(vs):
+            findings.append(Finding(key in gateways, f"{vs.ref} gateway {key[0]}/{key[1]}",
                                     "Gateway exists" if key in gateways else f"no Gateway {key[0]}/{key[1]} in istio/"))
         for route in vs.spec.get("http") or []:
             for dest in route.get("route") or []:
@@ -993,20 +1285,18 @@ def check_gateway_references(m: Manifests) -> list[Finding]:
 
 def check_selectors(m: Manifests) -> list[Finding]:
     findings = []
-    gateways = m.kind("Gateway")
     for doc in m.kind("WasmPlugin") + m.kind("AuthorizationPolicy"):
         labels = _labels(doc.spec.get("selector"))
-        sidecar = any((match or {}).get("mode") == "CLIENT" for match in doc.spec.get("match") or [])
         if not labels:
             findings.append(Finding(False, doc.ref, "selector.matchLabels is empty: it would apply to every "
                                                     "workload in its namespace"))
-        elif sidecar:
-            hits_gateway = m.targets_gateway(doc)
-            findings.append(Finding(not hits_gateway, doc.ref, "selects application pods (sidecar, outbound)"
-                                    if not hits_gateway else "a sidecar (CLIENT) plugin must not select the gateway"))
+        elif doc.kind == "WasmPlugin" and not _is_gateway_plugin(m, doc):
+            client = bool(doc.spec.get("match")) and all((e or {}).get("mode") == "CLIENT"
+                                                        for e in doc.spec.get("match") or [])
+            findings.append(Finding(client, doc.ref, "selects application pods (sidecar, outbound)" if client else
+                                    "a plugin for application sidecars needs match mode CLIENT (outbound only)"))
         else:
-            matching = [g for g in gateways if _subset(labels, _labels(g.spec.get("selector")))
-                        and doc.namespace in (g.namespace, ROOT_NAMESPACE)]
+            matching = _plugin_gateways(m, doc)
             findings.append(Finding(bool(matching), doc.ref,
                                     f"selects the pods of {matching[0].ref}" if matching else
                                     f"selector {labels} matches no Gateway's selector in its namespace"))
@@ -1018,10 +1308,14 @@ def check_namespaces(m: Manifests) -> list[Finding]:
     return [Finding(False, d.ref, "metadata.namespace must be explicit (selection depends on it)") for d in missing]
 
 
-def cross_check(docs: list[Document]) -> list[Finding]:
+def cross_check(docs: list[Document], template: bool = False) -> list[Finding]:
+    """Every cross-document check. `template` accepts the committed image placeholders (see
+    check_image_pinned); without it they fail, as they must before `kubectl apply`."""
     m = Manifests(docs)
     return (check_namespaces(m) + check_plugin_config(m) + check_plugin_clusters(m)
-            + check_gateway_references(m) + check_selectors(m))
+            + check_gateway_references(m) + check_selectors(m)
+            + check_phase(m) + check_fail_strategy(m) + check_gateway_plugin_match(m) + check_gateway_hosts(m)
+            + check_root_selectors(m) + check_image_pinned(m, template) + check_tls_origination_export(m))
 
 
 # --- Envoy's view of the EnvoyFilter patches -----------------------------------------------------
@@ -1092,6 +1386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.istio_validate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--crds", type=Path, help=f"Istio CRDs (default: {DEFAULT_CRDS})")
     parser.add_argument("--envoy", help="Envoy binary for checking EnvoyFilter patches (default: found on PATH)")
+    parser.add_argument("--template", action="store_true",
+                        help="accept the committed image placeholders (all-zero sha256, <org>): for checking the "
+                             "repository's istio/ itself, never before kubectl apply")
     parser.add_argument("paths", nargs="*", type=Path, default=[ISTIO_DIR], help="files or directories (default: istio/)")
     args = parser.parse_args(argv)
 
@@ -1103,7 +1400,7 @@ def main(argv: list[str] | None = None) -> int:
         print("FAIL  no YAML documents found in " + ", ".join(map(str, args.paths)))
         return 1
     results = [validate_document(doc, catalog) for doc in docs]
-    findings = cross_check(docs)
+    findings = cross_check(docs, template=args.template)
     envoy = args.envoy or find_envoy()
     if any(d.kind == "EnvoyFilter" for d in docs):
         if envoy:
