@@ -4,6 +4,8 @@
         response = envoy.request("GET", "/v1/models", host="api.openai.com")
         responses = envoy.burst(200, "GET", "/v1/models", headers=lambda i: {...})
         envoy.stats()  # {"exchanges_ok": 1, ...} from wasmcustom.openai_wif.*
+        envoy.raw_request(encode_request("GET", "/", [(b"Host", b"a\xff")]))  # bytes exactly as given
+        envoy.worker_connections()  # {0: 12, 1: 9}: connections each worker accepted
 
 Envoy runs in its own process group with stdin from /dev/null (so signals meant for the test run do
 not reach it), with a dynamic base id (parallel Envoys do not share memory), and writes its log and
@@ -15,7 +17,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +27,8 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 GATEWAY_LISTENER = "openai_egress"
 STATS_PREFIX = "wasmcustom.openai_wif"
@@ -83,15 +89,128 @@ def http_request(port: int, method: str, path: str, host: str | None = None, hea
         connection.request(method, path, body=body, headers=sent)
         reply = connection.getresponse()
         data = reply.read()
-        received: dict = {}
-        for name, value in reply.getheaders():
-            key = name.lower()
-            received[key] = f"{received[key]}, {value}" if key in received else value
-        return Response(reply.status, received, data, elapsed_s=time.monotonic() - started)
+        return Response(reply.status, _headers_of(reply), data, elapsed_s=time.monotonic() - started)
     except (OSError, http.client.HTTPException) as error:
         return Response(None, error=f"{type(error).__name__}: {error}", elapsed_s=time.monotonic() - started)
     finally:
         connection.close()
+
+
+def _bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("latin-1")
+
+
+def encode_request(method: str, path: str, headers, body: bytes | None = None, chunks=None,
+                   trailers=None, end: bool = True) -> bytes:
+    """An HTTP/1.1 request as bytes, exactly as given: header names and values may be str (sent as
+    latin-1, so "\\xff" is the byte 0xff) or bytes, in order, repeated if listed twice.
+
+    headers: a dict or a list of (name, value). body: sent with Content-Length. chunks: a list of
+    bytes sent with Transfer-Encoding: chunked (then trailers, a dict or list, after the last chunk);
+    end=False leaves a chunked body open (send the rest later with encode_chunks).
+    """
+    items = list(headers.items()) if isinstance(headers, dict) else list(headers)
+    lines = [_bytes(method) + b" " + _bytes(path) + b" HTTP/1.1"]
+    if chunks is not None or trailers is not None:
+        items.append(("Transfer-Encoding", "chunked"))
+    elif body is not None:
+        items.append(("Content-Length", str(len(body))))
+    lines += [_bytes(name) + b": " + _bytes(value) for name, value in items]
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    if chunks is None and trailers is None:
+        return head + (body or b"")
+    return head + encode_chunks(chunks or [], last=end, trailers=trailers)
+
+
+def encode_chunks(chunks, last: bool = False, trailers=None) -> bytes:
+    """Chunks of a chunked body; last: also the final zero-size chunk, with trailers if given."""
+    out = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks if chunk)
+    if last:
+        items = list(trailers.items()) if isinstance(trailers, dict) else list(trailers or [])
+        out += b"0\r\n" + b"".join(_bytes(n) + b": " + _bytes(v) + b"\r\n" for n, v in items) + b"\r\n"
+    return out
+
+
+class RawConnection:
+    """One HTTP/1.1 connection on which a test writes bytes exactly as it wants them, when it wants
+    (a body in slow pieces, after the response headers, trailers, bytes no client library sends).
+
+        with RawConnection(port) as raw:
+            raw.send(encode_request("POST", "/v1/x", headers, chunks=[], end=False))
+            head = raw.response_head()      # status and headers, before the request body has ended
+            raw.send(encode_chunks([b"..."], last=True))
+            response = raw.response_rest()  # the whole Response
+    """
+
+    def __init__(self, port: int, timeout: float = 10.0, address: str = "127.0.0.1", method: str = "GET"):
+        self.timeout = timeout
+        self.method = method
+        self.started = time.monotonic()
+        self.sock = socket.create_connection((address, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reply: http.client.HTTPResponse | None = None
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def response_head(self) -> Response:
+        """The response's status and headers (body not read yet); a Response with an error if none came."""
+        try:
+            if self._reply is None:
+                self._reply = http.client.HTTPResponse(self.sock, method=self.method)
+                self._reply.begin()
+            return Response(self._reply.status, _headers_of(self._reply),
+                            elapsed_s=time.monotonic() - self.started)
+        except (OSError, http.client.HTTPException) as error:
+            return Response(None, error=f"{type(error).__name__}: {error}", elapsed_s=time.monotonic() - self.started)
+
+    def response_rest(self) -> Response:
+        """The whole response (reading the body to its end); a Response with an error if it did not end."""
+        head = self.response_head()
+        if head.status is None:
+            return head
+        try:
+            head.body = self._reply.read()
+        except (OSError, http.client.HTTPException) as error:
+            head.error = f"{type(error).__name__}: {error}"
+            head.status = None
+        head.elapsed_s = time.monotonic() - self.started
+        return head
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0, address: str = "127.0.0.1") -> Response:
+    """Sends data (one whole request, see encode_request) on a new connection; reads one response."""
+    method = data.split(b" ", 1)[0].decode("latin-1")
+    try:
+        connection = RawConnection(port, timeout, address, method)
+    except OSError as error:
+        return Response(None, error=f"{type(error).__name__}: {error}")
+    with connection:
+        try:
+            connection.send(data)
+        except OSError as error:
+            return Response(None, error=f"{type(error).__name__}: {error}")
+        return connection.response_rest()
+
+
+def _headers_of(reply) -> dict:
+    received: dict = {}
+    for name, value in reply.getheaders():
+        key = name.lower()
+        received[key] = f"{received[key]}, {value}" if key in received else value
+    return received
 
 
 class Envoy:
@@ -237,6 +356,13 @@ class Envoy:
             thread.join(max(0.0, deadline - time.monotonic()))
         return [r if r is not None else Response(None, error="no result before the burst deadline") for r in results]
 
+    def raw_request(self, data: bytes, timeout: float = 10.0) -> Response:
+        """Bytes exactly as given (see encode_request) to the gateway, on a new connection."""
+        return raw_request(self.port, data, timeout)
+
+    def raw_connection(self, timeout: float = 10.0, method: str = "GET") -> RawConnection:
+        return RawConnection(self.port, timeout, method=method)
+
     # Admin
 
     def admin(self, path: str, method: str = "GET", timeout: float = 5.0) -> str:
@@ -256,6 +382,17 @@ class Envoy:
             if "name" in stat and "value" in stat:
                 values[stat["name"][len(prefix) + 1:]] = stat["value"]
         return values
+
+    def worker_connections(self, listener: str = GATEWAY_LISTENER) -> dict:
+        """Connections each worker has accepted on a listener: {worker index: count}."""
+        config = yaml.safe_load(self.config_yaml)
+        chosen = next(item for item in config["static_resources"]["listeners"] if item["name"] == listener)
+        address = chosen["address"]["socket_address"]
+        # Envoy names listener stats after the configured address (port 0 stays 0), unless stat_prefix.
+        prefix = chosen.get("stat_prefix") or f"{address['address']}_{address.get('port_value', 0)}"
+        pattern = re.compile(re.escape(prefix) + r"\.worker_(\d+)\.downstream_cx_total")
+        return {int(m.group(1)): int(value) for name, value in self.stats(prefix="listener").items()
+                if (m := pattern.fullmatch(name))}
 
     def counter(self, name: str, prefix: str = STATS_PREFIX) -> int:
         """One counter (0 if it does not exist yet)."""

@@ -16,6 +16,8 @@ import copy
 import os
 from pathlib import Path
 
+import yaml
+
 from tests.standins import AZURE_RESOURCE, OPENAI_AUDIENCE, Standins
 from tools import envoy_config
 
@@ -61,11 +63,13 @@ def default_filter_config(source: str, standins: Standins, hosts=None, **setting
 class Stack:
     def __init__(self, source: str, workdir, standins: Standins | None = None, filter_config: dict | None = None,
                  filter_settings: dict | None = None, log_level: str = "info", name: str = "envoy",
-                 with_filter: bool = True, **overrides):
+                 with_filter: bool = True, bootstrap_patch=None, **overrides):
         """source: a subject-token source (tools.envoy_config.SOURCES).
         standins: shared stand-ins (not stopped by stop()); None: start own ones.
         filter_config: the whole filter configuration; filter_settings: amendments to the default one.
         with_filter: False renders the gateway without the filter (tests of the routing alone).
+        bootstrap_patch: a function that changes the rendered bootstrap (a dict) in place, for
+        Envoy settings the template does not have (e.g. HTTP/1 trailers); see bootstrap_parts().
         overrides: more parameters of tools.envoy_config.render("local", ...)."""
         if source not in envoy_config.SOURCES:
             raise ValueError(f"unknown source {source!r}; one of {envoy_config.SOURCES}")
@@ -78,6 +82,7 @@ class Stack:
         self.log_level = log_level
         self.name = name
         self.with_filter = with_filter
+        self.bootstrap_patch = bootstrap_patch
         self.overrides = overrides
         self.filter_config: dict | None = None
         self.config_yaml: str | None = None
@@ -103,7 +108,12 @@ class Stack:
             "filter_config": self.filter_config,
         }
         parameters.update(self.overrides)
-        return envoy_config.render("local", self.source, **parameters)
+        text = envoy_config.render("local", self.source, **parameters)
+        if self.bootstrap_patch is None:
+            return text
+        bootstrap = yaml.safe_load(text)
+        self.bootstrap_patch(bootstrap)
+        return yaml.safe_dump(bootstrap, sort_keys=False, width=4096)
 
     def start(self) -> "Stack":
         if self.with_filter:
@@ -157,3 +167,13 @@ class Stack:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def bootstrap_parts(bootstrap: dict, listener: str = envoy_config.GATEWAY_LISTENER):
+    """(the listener's HttpConnectionManager config, {cluster name: cluster}) of a bootstrap dict,
+    for a bootstrap_patch to change."""
+    resources = bootstrap["static_resources"]
+    chosen = next(item for item in resources["listeners"] if item["name"] == listener)
+    hcm = next(f["typed_config"] for f in chosen["filter_chains"][0]["filters"]
+               if f["name"] == "envoy.filters.network.http_connection_manager")
+    return hcm, {cluster["name"]: cluster for cluster in resources["clusters"]}
