@@ -16,6 +16,8 @@ from urllib.parse import urlencode
 import grpc
 import jwt
 import pytest
+
+from tests.harness import RawConnection, encode_chunks, encode_request, raw_request
 from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
@@ -314,6 +316,52 @@ def test_api_rejects_unknown_expired_and_revoked_tokens(openai, issuer):
     assert openai.api_denied == 6
 
 
+def test_api_and_echo_record_trailers(openai, issuer):
+    access = exchange(openai, issuer.mint(SUB, AUD))[2]["access_token"]
+    trailers = [("Authorization", "Bearer in-a-trailer"), ("X-Thing", "\xff1")]
+    reply = raw_request(openai.port, encode_request(
+        "POST", "/v1/files", {"Host": "x", "Authorization": f"Bearer {access}"}, chunks=[b"ab", b"c"],
+        trailers=trailers))
+    assert reply.status == 200
+    assert openai.api_trailers == [{"authorization": "Bearer in-a-trailer", "x-thing": "\xff1"}]
+    reply = raw_request(openai.port, encode_request("POST", "/echo/t", {"Host": "x"}, chunks=[b"abc"],
+                                                    trailers=trailers))
+    echoed = reply.json()
+    assert echoed["trailers"] == {"authorization": "Bearer in-a-trailer", "x-thing": "\xff1"}
+    assert echoed["body_bytes"] == 3
+
+
+def test_api_answers_early_before_the_body_when_asked(openai, issuer):
+    access = exchange(openai, issuer.mint(SUB, AUD))[2]["access_token"]
+    openai.answer_early = True
+    with RawConnection(openai.port, timeout=5, method="POST") as raw:
+        raw.send(encode_request("POST", "/v1/uploads", {"Host": "x", "Authorization": f"Bearer {access}"},
+                                chunks=[b"12345"], end=False))
+        head = raw.response_head()
+        assert head.status == 200 and head.header("x-standin-sub") == SUB
+        assert openai.api_early == [("/v1/uploads", f"Bearer {access}")] and openai.api_requests == []
+        raw.send(encode_chunks([b"678"], last=True))
+        rest = raw.response_rest()
+    assert rest.status == 200 and rest.json() == {"object": "upload", "bytes": 8}
+    assert len(openai.api_requests) == 1
+    # Unauthorised requests are refused as usual, after the body.
+    status, _, _ = call(openai.port, "POST", "/v1/uploads", b"x", {"Authorization": "Bearer sk-nope"})
+    assert status == 401 and len(openai.api_early) == 1
+    openai.reset()
+    assert openai.answer_early is False
+
+
+def test_token_endpoint_sends_extra_header_bytes_as_given(openai, issuer):
+    openai.set_fault("429", token_headers=[("Retry-After", "1\xff\xfe")])
+    reply = raw_request(openai.port, encode_request(
+        "POST", "/oauth/token", {"Host": "x", "Content-Type": "application/json"},
+        body=json.dumps(exchange_body(issuer.mint(SUB, AUD))).encode()))
+    assert reply.status == 429
+    assert reply.header("retry-after").encode("latin-1") == b"1\xff\xfe"  # the raw bytes 0xff 0xfe
+    openai.reset_faults()
+    assert openai.token_headers == [] and exchange(openai, issuer.mint(SUB, AUD))[0] == 200
+
+
 def test_echo_returns_the_request_headers(openai):
     status, _, body = call(openai.port, "GET", "/echo/a?b=1", headers={"X-Thing": "1", "Authorization": "k"})
     echoed = json.loads(body)
@@ -398,6 +446,15 @@ def test_gcp_content_faults(gcp):
     gcp.fault, gcp.slow_seconds = "slow", 0.2
     started = time.monotonic()
     assert gcp_get(gcp, {"audience": AUD})[0] == 200 and time.monotonic() - started >= 0.2
+
+
+def test_gcp_non_utf8_fault_serves_bytes_that_are_not_utf8(gcp):
+    gcp.fault = "non_utf8"
+    status, _, body = gcp_get(gcp, {"audience": AUD})
+    assert status == 200 and body.count(b".") == 2 and b"\xff\xfe" in body
+    with pytest.raises(UnicodeDecodeError):
+        body.decode("utf-8")
+    assert gcp.tokens == []
 
 
 # Azure IMDS
@@ -489,6 +546,17 @@ def test_azure_faults(azure):
         imds_get(azure, query)
 
 
+def test_azure_non_utf8_fault_serves_a_token_that_is_not_utf8(azure):
+    azure.fault = "non_utf8"
+    status, _, body = call(azure.port, "GET", IMDS_PATH + "?" + urlencode({"api-version": "2018-02-01",
+                                                                            "resource": RESOURCE}),
+                           headers={"Metadata": "true"})
+    assert status == 200 and b'"access_token": "' in body and b"\xff\xfe" in body
+    with pytest.raises(UnicodeDecodeError):
+        body.decode("utf-8")
+    assert azure.tokens == []
+
+
 # Kubernetes projected token volume
 
 
@@ -512,6 +580,9 @@ def test_projected_token_dir_has_the_kubelet_layout(tmp_path):
 
     volume.write_raw("")
     assert volume.current() == ""
+    volume.write_raw(b"eyJ\xff\xfe")
+    with open(volume.path, "rb") as file:
+        assert file.read() == b"eyJ\xff\xfe"
     volume.remove()
     with pytest.raises(FileNotFoundError):
         volume.current()

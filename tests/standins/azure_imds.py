@@ -5,10 +5,15 @@ with `Metadata: true` answers like IMDS: JSON with an Entra-style access token (
 the resource), and the numbers as strings. Without the header, without api-version or resource, with
 more than one identity selector, with an unknown identity, or with several identities and no
 selector, it answers 400 with IMDS's `{"error", "error_description"}` shape.
+
+Faults (`fault`): an HTTP status ("500", "404", "403", "429"); "empty", "garbage", "no_token",
+"not_jwt", "expired" answers; "non_utf8", an access_token with bytes that are not UTF-8 in it;
+"slow", "down" (see metadata.py).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -17,7 +22,9 @@ from .metadata import MetadataStandin
 
 TOKEN_PATH = "/metadata/identity/oauth2/token"
 SELECTORS = ("client_id", "object_id", "msi_res_id")
-FAULTS = (None, "500", "404", "403", "429", "empty", "not_jwt", "expired", "slow", "down", "no_token", "garbage")
+FAULTS = (None, "500", "404", "403", "429", "empty", "not_jwt", "expired", "slow", "down", "no_token", "garbage",
+          "non_utf8")
+NOT_UTF8 = b"\xff\xfe\xc3("  # bytes >= 0x80 that no UTF-8 decoder accepts
 
 DEFAULT_TENANT = "11111111-2222-3333-4444-555555555555"
 DEFAULT_IDENTITY = {
@@ -100,6 +107,11 @@ class AzureImdsStandin(MetadataStandin):
                 "resource": resource, "token_type": "Bearer"}
         if fault == "no_token":
             del body["access_token"]
+        elif fault == "non_utf8":
+            placeholder = "NOT-UTF-8"
+            body["access_token"] = token[:20] + placeholder + token[20:]
+            raw = json.dumps(body).encode().replace(placeholder.encode(), NOT_UTF8)
+            return Reply(200, raw, [("Content-Type", "application/json; charset=utf-8")])
         else:
             with self._lock:
                 self.tokens.append(token)

@@ -4,6 +4,9 @@
 with `Metadata-Flavor: Google` answers 200 text/plain with a JWT for that audience. Like the real
 server it refuses requests without the header (403), without an audience (400), and requests that
 carry `X-Forwarded-For` (403: the metadata server does not serve proxied requests).
+
+Faults (`fault`): an HTTP status ("500", "404", "403", "429"); "empty", "not_jwt", "expired" tokens;
+"non_utf8", a token with bytes that are not UTF-8 in it; "slow", "down" (see metadata.py).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from .http_server import CLOSE, Reply, Request
 from .metadata import MetadataStandin
 
 IDENTITY_PATH = "/computeMetadata/v1/instance/service-accounts/{account}/identity"
-FAULTS = (None, "500", "404", "403", "429", "empty", "not_jwt", "expired", "slow", "down")
+FAULTS = (None, "500", "404", "403", "429", "empty", "not_jwt", "expired", "non_utf8", "slow", "down")
+NOT_UTF8 = b"\xff\xfe\xc3("  # bytes >= 0x80 that no UTF-8 decoder accepts
 
 class GcpMetadataStandin(MetadataStandin):
     def __init__(self, issuer, sub: str = "110123456789012345678",
@@ -55,6 +59,10 @@ class GcpMetadataStandin(MetadataStandin):
             token = self.issuer.mint_expired(self.sub, audience, **claims)
         else:
             token = self.issuer.mint(self.sub, audience, self.lifetime_s, **claims)
+        if fault == "non_utf8":
+            header, payload, signature = token.encode().split(b".")
+            return Reply(200, header + b"." + payload[:8] + NOT_UTF8 + payload[8:] + b"." + signature,
+                         [("Content-Type", "text/plain; charset=utf-8"), *headers])
         with self._lock:
             self.tokens.append(token)
         return Reply.text(200, token, headers=headers)

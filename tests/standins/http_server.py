@@ -3,6 +3,10 @@
 A stand-in is a threaded HTTP/1.1 server on an ephemeral loopback port. It can be stopped and
 started again on the same port, and stopping it also drops the connections it holds open, so a
 client that keeps connections alive (Envoy does) sees the upstream go down, not a zombie.
+
+A stand-in may also answer early: `early(request)` sees the request before its body is read; if it
+returns a Reply, that status and those headers go out at once (the body chunked), the request body
+is read after, and `handle(request)` then gives the response body.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Request:
     headers: dict  # lower-case names; repeated headers joined with ", "
     body: bytes
     target: str  # the request target as received, query included
+    trailers: dict = field(default_factory=dict)  # of a chunked body; lower-case names, as headers
 
     def header(self, name: str, default=None):
         return self.headers.get(name.lower(), default)
@@ -103,19 +108,23 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - signature from the base class
         pass
 
-    def _read_body(self) -> bytes:
+    def _read_body(self):
+        """(body, trailers)."""
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             chunks = []
             while True:
                 size = int(self.rfile.readline(65537).split(b";")[0].strip() or b"0", 16)
                 if size == 0:
-                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-                        pass
-                    return b"".join(chunks)
+                    trailers: dict = {}
+                    while (line := self.rfile.readline(65537)) not in (b"\r\n", b"\n", b""):
+                        name, _, value = line.decode("latin-1").partition(":")
+                        key, value = name.strip().lower(), value.strip()
+                        trailers[key] = f"{trailers[key]}, {value}" if key in trailers else value
+                    return b"".join(chunks), trailers
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline(65537)
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length > 0 else b""
+        return (self.rfile.read(length) if length > 0 else b""), {}
 
     def _dispatch(self):
         parts = urlsplit(self.path)
@@ -124,11 +133,19 @@ class _Handler(BaseHTTPRequestHandler):
             path=parts.path,
             query=dict(parse_qsl(parts.query, keep_blank_values=True)),
             headers=headers_as_dict(self.headers),
-            body=self._read_body(),
+            body=b"",
             target=self.path,
         )
+        standin = self.server.standin
         try:
-            reply = self.server.standin.handle(request)
+            early = standin.early(request)
+        except Exception as error:
+            early = Reply.text(599, f"stand-in error: {error!r}")
+        if isinstance(early, Reply):
+            return self._answer_early(early, request)
+        request.body, request.trailers = self._read_body()
+        try:
+            reply = standin.handle(request)
         except Exception as error:  # a stand-in bug must show up as a clear 599, not a hang
             reply = Reply.text(599, f"stand-in error: {error!r}")
         if reply == CLOSE or reply == RESET:
@@ -144,6 +161,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(reply.body)
+
+    def _answer_early(self, early: Reply, request: Request):
+        self.send_response(early.status)
+        for name, value in early.headers:
+            self.send_header(name, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        try:
+            request.body, request.trailers = self._read_body()
+        except (OSError, ValueError):
+            return  # the peer gave up before the body ended
+        try:
+            reply = self.server.standin.handle(request)
+            body = reply.body if isinstance(reply, Reply) else b""
+        except Exception as error:
+            body = f"stand-in error: {error!r}".encode()
+        try:
+            if body:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass  # the peer is gone
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
@@ -193,6 +234,10 @@ class HttpStandin:
     def pause(self, seconds: float) -> bool:
         """Sleep that stop() interrupts; returns True if interrupted."""
         return self._stopping.wait(seconds)
+
+    def early(self, request: Request):
+        """A Reply to send before the request body is read (request.body is still empty), or None."""
+        return None
 
     def handle(self, request: Request):
         raise NotImplementedError

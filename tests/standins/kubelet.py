@@ -61,8 +61,9 @@ class ProjectedTokenDir:
         self._publish(token)
         return token
 
-    def write_raw(self, text: str):
-        """Publish arbitrary content (an empty file, garbage) with the same atomic swap."""
+    def write_raw(self, text):
+        """Publish arbitrary content (an empty file, garbage; str, or bytes written as they are) with
+        the same atomic swap."""
         self._publish(text)
 
     def current(self) -> str:
@@ -88,8 +89,8 @@ class ProjectedTokenDir:
         stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime())
         version = f"..{stamp}.{time.time_ns() % 1_000_000_000:09d}{next(self._sequence):04d}"
         os.mkdir(os.path.join(self.root, version))
-        with open(os.path.join(self.root, version, TOKEN), "w") as file:
-            file.write(text)
+        with open(os.path.join(self.root, version, TOKEN), "wb") as file:
+            file.write(text if isinstance(text, bytes) else text.encode())
         os.chmod(os.path.join(self.root, version, TOKEN), 0o644)
 
         previous = os.readlink(os.path.join(self.root, DATA)) if os.path.islink(os.path.join(self.root, DATA)) else None

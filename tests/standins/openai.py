@@ -7,7 +7,13 @@ service account mappings. Like the real endpoint it answers every problem with a
 reason is kept in `last_rejection` for tests.
 
 `/v1/...` accepts only access tokens this stand-in issued (and has not revoked), and records what
-reached it. `/echo/...` answers with the request it received.
+reached it. `/echo/...` answers with the request it received (headers and trailers).
+
+Switches (reset by `reset()`): `set_fault(...)` for the token endpoint; `token_headers`, extra headers
+on every token-endpoint answer (values are str sent as latin-1, so "\\xff" is the byte 0xff);
+`api_force_401`, the API refuses every token; `answer_early`, the API answers an authorised POST with
+its status and headers before it reads the request body, then sends `{"object": "upload", "bytes": n}`
+once the body has arrived (an upstream that answers before the request has ended).
 """
 
 from __future__ import annotations
@@ -98,9 +104,11 @@ class OpenAIStandin(HttpStandin):
             self.exchange_log: list = []
             self.last_rejection = None
             self.rejections: list = []
-            self.api_requests: list = []
+            self.api_requests: list = []  # (path, authorization, headers) of each request to /v1/
+            self.api_trailers: list = []  # the trailers of each, in the same order
             self.api_ok = 0
             self.api_denied = 0
+            self.api_early: list = []  # (path, authorization) of requests answered before their body
             self.echo_requests: list = []
 
     def reset_faults(self):
@@ -110,6 +118,8 @@ class OpenAIStandin(HttpStandin):
         self.slow_seconds = 10.0
         self.expires_in_override = None
         self.api_force_401 = False
+        self.token_headers: list = []  # (name, value) added to every token-endpoint answer
+        self.answer_early = False
 
     def set_fault(self, fault, times=None, **settings):
         if fault not in FAULTS:
@@ -152,17 +162,32 @@ class OpenAIStandin(HttpStandin):
 
     # HTTP
 
+    def early(self, request: Request):
+        if not (self.answer_early and request.method == "POST" and request.path.startswith("/v1/")):
+            return None
+        authorization = request.header("authorization")
+        record = self._authorised(authorization)
+        if record is None:
+            return None  # refused as usual, once the body is read
+        with self._lock:
+            self.api_early.append((request.path, authorization))
+        return Reply(200, b"", [("Content-Type", "application/json"), *self._identity_headers(record)])
+
     def handle(self, request: Request):
         if request.path == "/oauth/token":
             if request.method != "POST":
                 return Reply.json(405, openai_error("Method not allowed", None))
-            return self._token_endpoint(request)
+            reply = self._token_endpoint(request)
+            if isinstance(reply, Reply) and self.token_headers:
+                reply.headers = list(reply.headers) + list(self.token_headers)
+            return reply
         if request.path.startswith("/v1/"):
             return self._api(request)
         if request.path == "/echo" or request.path.startswith("/echo/"):
             with self._lock:
                 self.echo_requests.append(request)
-            return Reply.json(200, {"method": request.method, "path": request.target, "headers": request.headers})
+            return Reply.json(200, {"method": request.method, "path": request.target, "headers": request.headers,
+                                    "trailers": request.trailers, "body_bytes": len(request.body)})
         return Reply.json(404, openai_error(f"Unknown path {request.path}", "not_found"))
 
     # Token endpoint
@@ -316,6 +341,7 @@ class OpenAIStandin(HttpStandin):
         authorization = request.header("authorization")
         with self._lock:
             self.api_requests.append((request.path, authorization, request.headers))
+            self.api_trailers.append(request.trailers)
         record = self._authorised(authorization)
         if record is None:
             with self._lock:
@@ -325,9 +351,13 @@ class OpenAIStandin(HttpStandin):
                 "invalid_api_key"))
         with self._lock:
             self.api_ok += 1
-        identity = [("x-standin-sub", str(record["sub"])),
-                    ("x-standin-service-account", record["service_account_id"])]
-        return Reply.json(200, self._api_body(request, record), identity)
+        if self.answer_early and request.method == "POST":
+            return Reply.json(200, {"object": "upload", "bytes": len(request.body)})
+        return Reply.json(200, self._api_body(request, record), self._identity_headers(record))
+
+    @staticmethod
+    def _identity_headers(record: dict) -> list:
+        return [("x-standin-sub", str(record["sub"])), ("x-standin-service-account", record["service_account_id"])]
 
     def _authorised(self, authorization):
         if self.api_force_401 or not authorization:
