@@ -1,11 +1,20 @@
-//! The token cache in shared data: one record per identity, seen by every worker.
+//! The token cache in shared data: a fixed table of slots, seen by every worker.
 //!
-//! A [`Record`] holds the current access token (if any) with its deadlines, and the last
-//! failure (if any) with its backoff. [`lookup`] turns a record into the one decision a request
-//! needs: use a token, use it and refresh, refuse for now, or fetch. A value that does not
-//! decode is a miss, never an error.
+//! Envoy's shared data has no delete, so a key written once stays for the life of the process.
+//! Keys are therefore slot numbers, never identities: the table has `max_identities` slots
+//! (`openai_wif.v2.slot.<n>`), and whatever callers send, it never holds more. An identity may
+//! live in any of [`WAYS`] slots starting at its home slot; each [`Record`] names the identity it
+//! belongs to, so a slot is never read as another identity's. When all of an identity's slots
+//! are taken, the least valuable record there is replaced: a spent one first, then one that only
+//! remembers a failure, then the one written longest ago (tokens in use are refreshed, and so
+//! rewritten, while they are used: the oldest write is the least recently used identity).
 //!
-//! The same module stores the gateway's subject token for platform sources ([`SubjectRecord`]).
+//! A record holds the current access token (if any) with its deadlines, and the last failure (if
+//! any) with its backoff. [`lookup`] turns a record into the one decision a request needs. A
+//! value that does not decode is a miss, never an error.
+//!
+//! The same module stores the gateway's subject token for platform sources ([`SubjectRecord`]),
+//! under one key per configured gateway identity.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,19 +22,29 @@ use crate::identity::IdentityKey;
 use crate::lifetime;
 use crate::reply::Failure;
 use crate::secret::Secret;
-use crate::shared::{SharedStore, StoreError, KEY_PREFIX};
+use crate::shared::{self, SharedStore, StoreError, CAS_ATTEMPTS, KEY_PREFIX};
 
-/// How many times a read-modify-write is retried when another worker wrote in between.
-const CAS_ATTEMPTS: usize = 32;
+/// How many slots an identity may occupy: the candidates searched on a lookup.
+pub const WAYS: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedToken {
     pub access_token: Secret,
-    pub issued_at_ms: u64,
+    /// The token's [`Secret::fingerprint`], kept so a hit never hashes the token again.
+    pub fingerprint: String,
     pub refresh_at_ms: u64,
     pub expires_at_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope: Option<String>,
+}
+
+impl CachedToken {
+    pub fn new(access_token: Secret, refresh_at_ms: u64, expires_at_ms: u64) -> Self {
+        CachedToken {
+            fingerprint: access_token.fingerprint(),
+            access_token,
+            refresh_at_ms,
+            expires_at_ms,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,17 +59,23 @@ pub struct FailureState {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// The identity this record belongs to (its whole key, not a prefix).
+    pub identity: String,
+    pub written_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<CachedToken>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<FailureState>,
+    /// When OpenAI's 401 last made this identity drop its token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalidated_at_ms: Option<u64>,
 }
 
 /// What a request should do, given the record for its identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
     /// Use this token; when `refresh` is set, also start a refresh in the background.
-    Use { token: Secret, refresh: bool },
+    Use { token: CachedToken, refresh: bool },
     /// No usable token and the last attempt failed recently: refuse until `retry_at_ms`.
     Backoff(FailureState),
     /// No usable token: fetch one and wait for it.
@@ -65,7 +90,7 @@ pub fn lookup(record: Option<&Record>, now_ms: u64) -> Lookup {
     let backing_off = record.failure.as_ref().filter(|f| now_ms < f.retry_at_ms);
     match &record.token {
         Some(t) if now_ms < t.expires_at_ms => Lookup::Use {
-            token: t.access_token.clone(),
+            token: t.clone(),
             refresh: now_ms >= t.refresh_at_ms && backing_off.is_none(),
         },
         _ => match backing_off {
@@ -76,11 +101,14 @@ pub fn lookup(record: Option<&Record>, now_ms: u64) -> Lookup {
 }
 
 impl Record {
-    /// The record after a successful exchange: the new token, and the failure history cleared.
-    pub fn succeeded(token: CachedToken) -> Record {
+    /// The record after a successful exchange: the new token, the failure history cleared.
+    pub fn succeeded(previous: Option<&Record>, token: CachedToken, now_ms: u64) -> Record {
         Record {
+            identity: String::new(),
+            written_at_ms: now_ms,
             token: Some(token),
             failure: None,
+            invalidated_at_ms: previous.and_then(|r| r.invalidated_at_ms),
         }
     }
 
@@ -100,6 +128,8 @@ impl Record {
             .and_then(|r| r.token.clone())
             .filter(|t| now_ms < t.expires_at_ms);
         Record {
+            identity: String::new(),
+            written_at_ms: now_ms,
             token,
             failure: Some(FailureState {
                 failure,
@@ -107,16 +137,30 @@ impl Record {
                 count,
                 retry_at_ms: now_ms + lifetime::backoff_ms(count, retry_after_s, jitter),
             }),
+            invalidated_at_ms: previous.and_then(|r| r.invalidated_at_ms),
         }
     }
 
-    /// The record without its token, if the token is the one with `fingerprint`
-    /// (the API refused it); `None` when there is nothing to change.
-    pub fn invalidated(&self, fingerprint: &str) -> Option<Record> {
+    /// The record without its token, if the token is the one with `fingerprint` (the API
+    /// refused it) and no invalidation happened within `interval_ms`; `None` when there is
+    /// nothing to change. The throttle keeps a caller who can provoke 401s from draining the
+    /// token everyone uses: within the interval, OpenAI's 401 goes back to the caller as is.
+    pub fn invalidated(&self, fingerprint: &str, now_ms: u64, interval_ms: u64) -> Option<Record> {
         let t = self.token.as_ref()?;
-        (t.access_token.fingerprint() == fingerprint).then(|| Record {
+        if t.fingerprint != fingerprint {
+            return None;
+        }
+        if self
+            .invalidated_at_ms
+            .is_some_and(|at| now_ms < at.saturating_add(interval_ms))
+        {
+            return None;
+        }
+        Some(Record {
             token: None,
-            failure: self.failure.clone(),
+            invalidated_at_ms: Some(now_ms),
+            written_at_ms: now_ms,
+            ..self.clone()
         })
     }
 }
@@ -125,24 +169,153 @@ impl Record {
 pub const SWEEP_GRACE_MS: u64 = 5 * 60 * 1000;
 
 impl Record {
-    /// True when the record holds nothing a request could use or learn from: no unexpired token
-    /// and no backoff in force, for at least [`SWEEP_GRACE_MS`].
+    /// True when the record holds nothing a request could use or learn from: no unexpired token,
+    /// no backoff and no invalidation throttle in force, for at least [`SWEEP_GRACE_MS`].
     pub fn is_spent(&self, now_ms: u64) -> bool {
-        let token_done = self
+        let past = |t: u64| t.saturating_add(SWEEP_GRACE_MS) <= now_ms;
+        self.token.as_ref().is_none_or(|t| past(t.expires_at_ms))
+            && self.failure.as_ref().is_none_or(|f| past(f.retry_at_ms))
+            && self.invalidated_at_ms.is_none_or(past)
+    }
+
+    /// Eviction order when an identity's slots are all taken: lower goes first.
+    fn value(&self, now_ms: u64) -> (u8, u64) {
+        if self.is_spent(now_ms) {
+            (0, self.written_at_ms)
+        } else if self
             .token
             .as_ref()
-            .is_none_or(|t| t.expires_at_ms.saturating_add(SWEEP_GRACE_MS) <= now_ms);
-        let failure_done = self
-            .failure
-            .as_ref()
-            .is_none_or(|f| f.retry_at_ms.saturating_add(SWEEP_GRACE_MS) <= now_ms);
-        token_done && failure_done
+            .is_none_or(|t| t.expires_at_ms <= now_ms)
+        {
+            (1, self.written_at_ms)
+        } else {
+            (2, self.written_at_ms)
+        }
     }
 }
 
-/// Empties the value under `key` if it is a spent [`Record`]. Envoy's shared data has no delete,
-/// so the key stays, but a per-request identity whose subject rotated away no longer holds a
-/// token's worth of memory. Returns whether it cleared the value.
+/// The slot table: where each identity's record lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Table {
+    slots: u32,
+}
+
+/// A record as found in its slot, with the slot's CAS number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub slot: u32,
+    pub record: Record,
+    pub cas: u32,
+}
+
+impl Table {
+    pub fn new(max_identities: u32) -> Table {
+        Table {
+            slots: max_identities.max(1),
+        }
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    pub fn slot_key(slot: u32) -> String {
+        format!("{KEY_PREFIX}slot.{slot}")
+    }
+
+    /// The slots `identity` may live in, home slot first.
+    pub fn candidates(&self, identity: &IdentityKey) -> impl Iterator<Item = u32> {
+        let home = u32::try_from(identity.home() % u64::from(self.slots)).unwrap_or(0);
+        let slots = self.slots;
+        (0..WAYS.min(slots)).map(move |i| (home + i) % slots)
+    }
+
+    /// The record of `identity`, if one of its slots holds it.
+    pub fn find(&self, store: &dyn SharedStore, identity: &IdentityKey) -> Option<Found> {
+        self.candidates(identity).find_map(|slot| {
+            let (record, cas) = shared::read::<Record>(store, &Self::slot_key(slot)).ok()??;
+            (record.identity == identity.as_str()).then_some(Found { slot, record, cas })
+        })
+    }
+
+    /// The record of `identity` (a missing, unreadable or undecodable one is `None`: a miss).
+    pub fn record(&self, store: &dyn SharedStore, identity: &IdentityKey) -> Option<Record> {
+        self.find(store, identity).map(|f| f.record)
+    }
+
+    /// Read-modify-write of `identity`'s record with CAS. `change` gets the current record
+    /// (`None` when there is none) and returns the new one, or `None` to leave it. A new record
+    /// takes a free slot or replaces the least valuable of the identity's slots. Returns what was
+    /// written.
+    pub fn update<F>(
+        &self,
+        store: &dyn SharedStore,
+        identity: &IdentityKey,
+        now_ms: u64,
+        mut change: F,
+    ) -> Result<Option<Record>, StoreError>
+    where
+        F: FnMut(Option<&Record>) -> Option<Record>,
+    {
+        for _ in 0..CAS_ATTEMPTS {
+            let mut own = None;
+            // (slot, cas, value): the best slot to take if the identity has none.
+            let mut victim: Option<(u32, Option<u32>, (u8, u64))> = None;
+            for slot in self.candidates(identity) {
+                let (found, cas) = match store.get(&Self::slot_key(slot))? {
+                    Some((bytes, cas)) => {
+                        (serde_json::from_slice::<Record>(&bytes).ok(), Some(cas))
+                    }
+                    None => (None, None),
+                };
+                let value = match &found {
+                    Some(r) if r.identity == identity.as_str() => {
+                        own = Some((slot, cas, r.clone()));
+                        break;
+                    }
+                    Some(r) => r.value(now_ms),
+                    None => (0, 0),
+                };
+                if victim.is_none_or(|(_, _, v)| value < v) {
+                    victim = Some((slot, cas, value));
+                }
+            }
+            let (slot, cas, current) = match own {
+                Some((slot, cas, record)) => (slot, cas, Some(record)),
+                None => match victim {
+                    Some((slot, cas, _)) => (slot, cas, None),
+                    None => return Ok(None),
+                },
+            };
+            let Some(mut next) = change(current.as_ref()) else {
+                return Ok(None);
+            };
+            next.identity = identity.as_str().to_string();
+            let bytes = serde_json::to_vec(&next).map_err(|_| StoreError::Encoding)?;
+            match store.set(&Self::slot_key(slot), &bytes, cas) {
+                Ok(()) => return Ok(Some(next)),
+                Err(StoreError::CasMismatch) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Contended)
+    }
+
+    /// Empties spent records in `count` slots from `start` (wrapping), so an identity that left
+    /// stops holding a token's worth of memory. Returns how many it cleared.
+    pub fn sweep(&self, store: &dyn SharedStore, start: u32, count: u32, now_ms: u64) -> u32 {
+        let mut cleared = 0;
+        for i in 0..count.min(self.slots) {
+            let key = Self::slot_key((start + i) % self.slots);
+            if let Ok(true) = clear_if_spent(store, &key, now_ms) {
+                cleared += 1;
+            }
+        }
+        cleared
+    }
+}
+
+/// Empties the value under `key` if it is a spent (or undecodable) [`Record`].
 pub fn clear_if_spent(store: &dyn SharedStore, key: &str, now_ms: u64) -> Result<bool, StoreError> {
     let Some((bytes, cas)) = store.get(key)? else {
         return Ok(false);
@@ -197,58 +370,9 @@ impl SubjectRecord {
 /// How recent a fetched subject must be for an exchange to use it without fetching again.
 pub const SUBJECT_REUSE_MS: u64 = 5_000;
 
-pub fn token_key(identity: &IdentityKey) -> String {
-    format!("{KEY_PREFIX}tok.{}", identity.as_str())
-}
-
+/// The gateway's subject: one key per configured gateway identity, so bounded by configuration.
 pub fn subject_key(identity: &IdentityKey) -> String {
     format!("{KEY_PREFIX}sub.{}", identity.as_str())
-}
-
-/// Reads a JSON value; a missing or undecodable one is `None`.
-pub fn read<T: for<'de> Deserialize<'de>>(
-    store: &dyn SharedStore,
-    key: &str,
-) -> Result<Option<(T, u32)>, StoreError> {
-    Ok(store
-        .get(key)?
-        .and_then(|(bytes, cas)| serde_json::from_slice(&bytes).ok().map(|v| (v, cas))))
-}
-
-/// The token record of `identity`; a missing, unreadable or undecodable one is `None` (a miss).
-pub fn record(store: &dyn SharedStore, identity: &IdentityKey) -> Option<Record> {
-    read::<Record>(store, &token_key(identity))
-        .ok()
-        .flatten()
-        .map(|(r, _)| r)
-}
-
-/// Read-modify-write with CAS: `change` gets the current value and returns the new one, or
-/// `None` to leave it as it is. Returns what was written.
-pub fn update<T, F>(
-    store: &dyn SharedStore,
-    key: &str,
-    mut change: F,
-) -> Result<Option<T>, StoreError>
-where
-    T: Serialize + for<'de> Deserialize<'de>,
-    F: FnMut(Option<&T>) -> Option<T>,
-{
-    for _ in 0..CAS_ATTEMPTS {
-        let current = store.get(key)?;
-        let cas = current.as_ref().map(|(_, cas)| *cas);
-        let value: Option<T> = current.and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok());
-        let Some(next) = change(value.as_ref()) else {
-            return Ok(None);
-        };
-        let bytes = serde_json::to_vec(&next).map_err(|_| StoreError::Host(0))?;
-        match store.set(key, &bytes, cas) {
-            Ok(()) => return Ok(Some(next)),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::CasMismatch)
 }
 
 #[cfg(test)]
@@ -260,72 +384,50 @@ mod tests {
     const NOW: u64 = 1_700_000_000_000;
 
     fn token(refresh_in: u64, expires_in: u64) -> CachedToken {
-        CachedToken {
-            access_token: Secret::new("at-1"),
-            issued_at_ms: NOW,
-            refresh_at_ms: NOW + refresh_in,
-            expires_at_ms: NOW + expires_in,
-            scope: None,
-        }
+        CachedToken::new(Secret::new("at-1"), NOW + refresh_in, NOW + expires_in)
     }
 
     fn failure() -> Failure {
         Failure::new(Code::TokenExchangeFailed, "boom")
     }
 
+    fn id(n: u64) -> IdentityKey {
+        IdentityKey::from_raw(&format!("{n:016x}{}", "0".repeat(48)))
+    }
+
+    fn uses(token: &CachedToken, refresh: bool) -> Lookup {
+        Lookup::Use {
+            token: token.clone(),
+            refresh,
+        }
+    }
+
     #[test]
     fn lookup_states() {
         assert_eq!(lookup(None, NOW), Lookup::Miss);
-        let r = Record::succeeded(token(100, 200));
-        assert_eq!(
-            lookup(Some(&r), NOW),
-            Lookup::Use {
-                token: Secret::new("at-1"),
-                refresh: false
-            }
-        );
-        assert_eq!(
-            lookup(Some(&r), NOW + 100),
-            Lookup::Use {
-                token: Secret::new("at-1"),
-                refresh: true
-            }
-        );
-        assert_eq!(
-            lookup(Some(&r), NOW + 199),
-            Lookup::Use {
-                token: Secret::new("at-1"),
-                refresh: true
-            }
-        );
+        let t = token(100, 200);
+        let r = Record::succeeded(None, t.clone(), NOW);
+        assert_eq!(lookup(Some(&r), NOW), uses(&t, false));
+        assert_eq!(lookup(Some(&r), NOW + 100), uses(&t, true));
+        assert_eq!(lookup(Some(&r), NOW + 199), uses(&t, true));
         assert_eq!(
             lookup(Some(&r), NOW + 200),
             Lookup::Miss,
             "never used at or after expiry"
         );
+        assert_eq!(t.fingerprint, Secret::new("at-1").fingerprint());
     }
 
     #[test]
     fn failures_back_off_but_keep_a_valid_token() {
-        let r = Record::succeeded(token(100, 5_000));
+        let t = token(100, 5_000);
+        let r = Record::succeeded(None, t.clone(), NOW);
         let f = Record::failed(Some(&r), failure(), NOW + 150, None, 0);
         assert_eq!(f.failure.as_ref().unwrap().count, 1);
         assert_eq!(f.failure.as_ref().unwrap().retry_at_ms, NOW + 1_150);
         // Still valid token: served, no refresh during the backoff, refresh again after it.
-        assert_eq!(
-            lookup(Some(&f), NOW + 200),
-            Lookup::Use {
-                token: Secret::new("at-1"),
-                refresh: false
-            }
-        );
-        assert_eq!(
-            lookup(Some(&f), NOW + 1_150),
-            Lookup::Use {
-                token: Secret::new("at-1"),
-                refresh: true
-            }
-        );
+        assert_eq!(lookup(Some(&f), NOW + 200), uses(&t, false));
+        assert_eq!(lookup(Some(&f), NOW + 1_150), uses(&t, true));
         // Expired token during backoff: refused; after backoff: a miss.
         let g = Record::failed(Some(&f), failure(), NOW + 5_000, None, 0);
         assert_eq!(g.token, None);
@@ -333,49 +435,154 @@ mod tests {
         assert!(matches!(lookup(Some(&g), NOW + 5_001), Lookup::Backoff(_)));
         assert_eq!(lookup(Some(&g), NOW + 7_000), Lookup::Miss);
         // Success clears the history.
-        assert_eq!(Record::succeeded(token(1, 2)).failure, None);
+        assert_eq!(Record::succeeded(Some(&g), token(1, 2), NOW).failure, None);
     }
 
     #[test]
-    fn invalidation_only_removes_the_refused_token() {
-        let r = Record::succeeded(token(100, 200));
-        assert_eq!(r.invalidated("000000000000"), None);
+    fn invalidation_removes_only_the_refused_token_at_most_once_per_interval() {
+        let r = Record::succeeded(None, token(100, 200_000), NOW);
+        assert_eq!(r.invalidated("000000000000", NOW, 30_000), None);
         let fp = Secret::new("at-1").fingerprint();
-        assert_eq!(r.invalidated(&fp).unwrap().token, None);
+        let dropped = r.invalidated(&fp, NOW, 30_000).unwrap();
+        assert_eq!(dropped.token, None);
+        assert_eq!(dropped.invalidated_at_ms, Some(NOW));
+        // The next exchange keeps the throttle's memory...
+        let again = Record::succeeded(Some(&dropped), token(100, 200_000), NOW + 10);
+        assert_eq!(again.invalidated(&fp, NOW + 29_999, 30_000), None);
+        // ...until the interval has passed.
+        assert!(again.invalidated(&fp, NOW + 30_000, 30_000).is_some());
+        // An interval of zero never throttles.
+        assert!(again.invalidated(&fp, NOW + 11, 0).is_some());
     }
 
     #[test]
-    fn undecodable_values_are_misses() {
+    fn records_live_in_their_identitys_slots_and_name_it() {
         let s = MemoryStore::default();
-        let id = IdentityKey::from_raw("ab");
-        s.set(&token_key(&id), b"\x00garbage", None).unwrap();
-        assert!(read::<Record>(&s, &token_key(&id)).unwrap().is_none());
-        s.set(&token_key(&id), b"", None).unwrap();
-        assert!(read::<Record>(&s, &token_key(&id)).unwrap().is_none());
+        let table = Table::new(100);
+        let a = id(7);
+        assert_eq!(table.candidates(&a).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
+        assert_eq!(Table::slot_key(7), "openai_wif.v2.slot.7");
+        let written = table
+            .update(&s, &a, NOW, |_| {
+                Some(Record::succeeded(None, token(1, 2), NOW))
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(written.identity, a.as_str());
+        let found = table.find(&s, &a).unwrap();
+        assert_eq!((found.slot, found.record), (7, written));
+        // Another identity with the same home slot takes the next one and never reads a's.
+        let b = id(107);
+        assert_eq!(table.record(&s, &b), None);
+        table
+            .update(&s, &b, NOW, |_| {
+                Some(Record::failed(None, failure(), NOW, None, 0))
+            })
+            .unwrap();
+        assert_eq!(table.find(&s, &b).unwrap().slot, 8);
+        assert!(table.record(&s, &a).unwrap().token.is_some());
+        assert!(table.record(&s, &b).unwrap().token.is_none());
+        // Leaving a record unchanged writes nothing.
+        assert_eq!(table.update(&s, &a, NOW, |_| None).unwrap(), None);
     }
 
     #[test]
-    fn update_round_trips_and_keys_are_versioned() {
+    fn undecodable_values_are_misses_and_free_slots() {
         let s = MemoryStore::default();
-        let id = IdentityKey::from_raw("ab");
-        let key = token_key(&id);
-        assert_eq!(key, "openai_wif.v1.tok.ab");
-        assert_eq!(subject_key(&id), "openai_wif.v1.sub.ab");
-        let written = update(&s, &key, |_: Option<&Record>| {
-            Some(Record::succeeded(token(1, 2)))
-        })
-        .unwrap();
-        assert!(written.is_some());
-        let (back, _) = read::<Record>(&s, &key).unwrap().unwrap();
-        assert_eq!(back, Record::succeeded(token(1, 2)));
-        let none = update(&s, &key, |_: Option<&Record>| None).unwrap();
-        assert!(none.is_none());
+        let table = Table::new(10);
+        let a = id(3);
+        s.set(&Table::slot_key(3), b"\x00garbage", None).unwrap();
+        s.set(&Table::slot_key(4), b"", None).unwrap();
+        assert_eq!(table.record(&s, &a), None);
+        table
+            .update(&s, &a, NOW, |_| {
+                Some(Record::succeeded(None, token(1, 2), NOW))
+            })
+            .unwrap();
+        assert_eq!(table.find(&s, &a).unwrap().slot, 3);
+    }
+
+    #[test]
+    fn a_full_table_replaces_the_least_valuable_record_and_stays_bounded() {
+        let s = MemoryStore::default();
+        let table = Table::new(4);
+        // Four identities that share all four slots: live tokens written at different times.
+        for n in 0..4 {
+            table
+                .update(&s, &id(n), NOW + n, |_| {
+                    Some(Record::succeeded(None, token(100_000, 200_000), NOW + n))
+                })
+                .unwrap();
+        }
+        // A failure-only record (a forged token) is evicted before live tokens...
+        let forged = id(100);
+        table
+            .update(&s, &forged, NOW + 10, |_| {
+                Some(Record::failed(None, failure(), NOW + 10, None, 0))
+            })
+            .unwrap();
+        assert!(
+            table.record(&s, &id(0)).is_none(),
+            "the oldest live token made room"
+        );
+        for n in 1..4 {
+            assert!(table.record(&s, &id(n)).is_some());
+        }
+        let next = id(101);
+        table
+            .update(&s, &next, NOW + 11, |_| {
+                Some(Record::failed(None, failure(), NOW + 11, None, 0))
+            })
+            .unwrap();
+        assert!(
+            table.record(&s, &forged).is_none(),
+            "failure-only goes first"
+        );
+        for n in 1..4 {
+            assert!(table.record(&s, &id(n)).is_some(), "live tokens stay");
+        }
+        // A flood of new identities never grows the store beyond the table.
+        for n in 1_000..3_000 {
+            table
+                .update(&s, &id(n), NOW + n, |_| {
+                    Some(Record::failed(None, failure(), NOW + n, None, 0))
+                })
+                .unwrap();
+        }
+        assert_eq!(s.sizes().len(), 4);
+    }
+
+    #[test]
+    fn a_concurrent_writer_is_never_overwritten_blindly() {
+        let s = MemoryStore::default();
+        let table = Table::new(1);
+        let (a, b) = (id(0), id(1));
+        let b_record = Record::succeeded(None, token(1_000, 2_000), NOW);
+        let b2 = b.clone();
+        s.set(&Table::slot_key(0), b"", None).unwrap();
+        s.race_next_write(move |s| {
+            Table::new(1)
+                .update(s, &b2, NOW, |_| Some(b_record.clone()))
+                .unwrap();
+        });
+        let mut calls = 0;
+        table
+            .update(&s, &a, NOW, |current| {
+                calls += 1;
+                assert!(current.is_none());
+                Some(Record::failed(None, failure(), NOW, None, 0))
+            })
+            .unwrap();
+        assert_eq!(calls, 2, "the lost write was decided again on what b wrote");
+        // b's live token is worth more than a's failure, but a still replaced it: the table
+        // has one slot. What matters is that the decision saw b's record.
+        assert_eq!(table.find(&s, &a).unwrap().slot, 0);
     }
 
     #[test]
     fn only_spent_records_are_cleared() {
         let s = MemoryStore::default();
-        let live = Record::succeeded(token(100, 200));
+        let live = Record::succeeded(None, token(100, 200), NOW);
         s.set("live", &serde_json::to_vec(&live).unwrap(), None)
             .unwrap();
         assert!(!clear_if_spent(&s, "live", NOW + 199).unwrap());
@@ -397,6 +604,18 @@ mod tests {
         assert!(clear_if_spent(&s, "failing", NOW + 300_000 + SWEEP_GRACE_MS).unwrap());
         s.set("garbage", b"\x01", None).unwrap();
         assert!(clear_if_spent(&s, "garbage", NOW).unwrap());
+        let table = Table::new(8);
+        for n in 0..8 {
+            s.set(
+                &Table::slot_key(n),
+                &serde_json::to_vec(&failing).unwrap(),
+                None,
+            )
+            .unwrap();
+        }
+        assert_eq!(table.sweep(&s, 6, 4, NOW + 300_000 + SWEEP_GRACE_MS), 4);
+        assert_eq!(s.get(&Table::slot_key(1)).unwrap().unwrap().0, b"");
+        assert_ne!(s.get(&Table::slot_key(2)).unwrap().unwrap().0, b"");
     }
 
     fn subject(fetched_at_ms: u64) -> SubjectRecord {
@@ -420,43 +639,9 @@ mod tests {
         };
         assert!(!due.reusable(NOW + 1));
         assert!(s.usable(NOW + 3_569_999) && !s.usable(NOW + 3_570_000));
-    }
-
-    /// A store whose value changes under the first write, as when another worker writes.
-    struct Racy {
-        inner: MemoryStore,
-        raced: std::cell::Cell<bool>,
-    }
-
-    impl SharedStore for Racy {
-        fn get(&self, key: &str) -> Result<Option<crate::shared::Versioned>, StoreError> {
-            self.inner.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            if !self.raced.replace(true) {
-                self.inner.set(key, br#"{"failure":null}"#, None)?;
-            }
-            self.inner.set(key, value, cas)
-        }
-    }
-
-    #[test]
-    fn update_retries_when_another_worker_wrote_first() {
-        let s = Racy {
-            inner: MemoryStore::default(),
-            raced: false.into(),
-        };
-        s.inner.set("k", b"{}", None).unwrap();
-        let mut calls = 0;
-        update(&s, "k", |_: Option<&Record>| {
-            calls += 1;
-            Some(Record::succeeded(token(1, 2)))
-        })
-        .unwrap();
-        assert_eq!(calls, 2);
         assert_eq!(
-            read::<Record>(&s.inner, "k").unwrap().unwrap().0,
-            Record::succeeded(token(1, 2))
+            subject_key(&id(1)),
+            format!("openai_wif.v2.sub.{}", id(1).as_str())
         );
     }
 }

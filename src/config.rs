@@ -17,20 +17,74 @@ pub struct Config {
     pub subject: SubjectSource,
     pub subject_token_type: SubjectTokenType,
     pub token_endpoint: TokenEndpoint,
-    /// Lower-case host names whose requests get a token; any port on `:authority` is ignored.
-    pub hosts: Vec<String>,
+    /// Which requests get a token.
+    pub scope: Scope,
+    pub limits: Limits,
+}
+
+/// Which requests the filter authorises.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Requests whose `:authority` names one of these hosts (lower case, no trailing dot).
+    /// Others pass untouched; an authority that does not parse is refused.
+    Hosts(Vec<String>),
+    /// Every request the filter sees: the route decides, with the filter disabled per route
+    /// (`FilterConfig{disabled: true}`) wherever no token may go. Cannot disagree with routing.
+    All,
+}
+
+/// Bounds that hold whatever callers send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Exchanges per second, gateway-wide, for identities without a cache record.
+    pub new_identities_per_s: u32,
+    /// How many such exchanges may happen at once before the rate applies.
+    pub new_identities_burst: u32,
+    /// Cache records kept in shared data; beyond it the least valuable is replaced.
+    pub max_identities: u32,
+    /// At most one invalidation per identity in this interval after OpenAI answers 401.
+    pub invalidate_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            new_identities_per_s: 20,
+            new_identities_burst: 100,
+            max_identities: 10_000,
+            invalidate_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the filter does with a request, decided from its `:authority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    Authorise,
+    PassThrough,
+    Refuse(crate::authority::AuthorityError),
 }
 
 impl Config {
-    /// True when a request with this `:authority` is one the filter must authorise.
-    /// The port is ignored, and so is case; IPv6 literals keep their brackets.
-    pub fn handles(&self, authority: &str) -> bool {
-        let host = match authority.rfind(':') {
-            Some(i) if !authority[i..].contains(']') => &authority[..i],
-            _ => authority,
+    /// Whether a request with this `:authority` (raw bytes; `None` when absent) gets a token.
+    pub fn handling(&self, authority: Option<&[u8]>) -> Handling {
+        let Scope::Hosts(hosts) = &self.scope else {
+            return Handling::Authorise;
         };
-        let host = host.trim_end_matches('.');
-        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+        match crate::authority::host(authority.unwrap_or_default()) {
+            Ok(host) if hosts.contains(&host) => Handling::Authorise,
+            Ok(_) => Handling::PassThrough,
+            Err(e) => Handling::Refuse(e),
+        }
+    }
+
+    /// The header that carries a workload's subject token: removed from every request, since
+    /// it is a credential for this gateway alone.
+    pub fn subject_header(&self) -> &str {
+        match &self.subject {
+            SubjectSource::Header { header } => header,
+            _ => DEFAULT_HEADER,
+        }
     }
 
     /// The longest a request may wait for a token: a subject fetch and an exchange, twice
@@ -175,6 +229,23 @@ struct RawConfig {
     token_endpoint: RawTokenEndpoint,
     #[serde(default)]
     hosts: Option<Vec<String>>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default)]
+    new_identities_per_s: Option<u32>,
+    #[serde(default)]
+    new_identities_burst: Option<u32>,
+    #[serde(default)]
+    max_identities: Option<u32>,
+    #[serde(default)]
+    invalidate_interval_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -289,14 +360,31 @@ impl TryFrom<RawConfig> for Config {
             timeout: timeout("token_endpoint.timeout_ms", raw.token_endpoint.timeout_ms)?,
         };
         let subject = subject(raw.subject_token)?;
-        let hosts = hosts(raw.hosts)?;
+        let scope = match raw.scope.as_deref() {
+            None | Some("hosts") => Scope::Hosts(hosts(raw.hosts)?),
+            Some("all") if raw.hosts.is_some() => {
+                return Err(invalid(
+                    "hosts",
+                    "must not be set with \"scope\": \"all\" (every request the filter sees gets a token)".into(),
+                ))
+            }
+            Some("all") => Scope::All,
+            Some(other) => {
+                return Err(invalid(
+                    "scope",
+                    format!("must be \"hosts\" or \"all\", not {other:?}"),
+                ))
+            }
+        };
+        let limits = limits(raw.limits.unwrap_or_default())?;
         Ok(Config {
             identity_provider_id,
             service_account_id,
             subject,
             subject_token_type,
             token_endpoint,
-            hosts,
+            scope,
+            limits,
         })
     }
 }
@@ -509,24 +597,64 @@ fn hosts(value: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
     if hosts.is_empty() {
         return Err(invalid("hosts", "must list at least one host".into()));
     }
-    hosts
-        .into_iter()
-        .map(|h| {
-            let h = h.to_ascii_lowercase();
-            let ok = !h.is_empty()
-                && h.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-                || (h.starts_with('[') && h.ends_with(']'));
-            if ok {
-                Ok(h)
-            } else {
-                Err(invalid(
-                    "hosts",
-                    format!("entries must be host names without port or scheme, not {h:?}"),
-                ))
-            }
-        })
-        .collect()
+    let mut out: Vec<String> = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let normal = crate::authority::configured_host(&h).ok_or_else(|| {
+            invalid(
+                "hosts",
+                format!("entries must be host names without port or scheme, not {h:?}"),
+            )
+        })?;
+        if !out.contains(&normal) {
+            out.push(normal);
+        }
+    }
+    Ok(out)
+}
+
+fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let within = |field: &'static str, value: Option<u32>, default: u32, max: u32| {
+        let v = value.unwrap_or(default);
+        if (1..=max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(
+                field,
+                format!("must be between 1 and {max}, not {v}"),
+            ))
+        }
+    };
+    let invalidate_s = raw
+        .invalidate_interval_s
+        .unwrap_or(d.invalidate_interval.as_secs());
+    if invalidate_s > 3600 {
+        return Err(invalid(
+            "limits.invalidate_interval_s",
+            format!("must be between 0 and 3600 seconds, not {invalidate_s}"),
+        ));
+    }
+    Ok(Limits {
+        new_identities_per_s: within(
+            "limits.new_identities_per_s",
+            raw.new_identities_per_s,
+            d.new_identities_per_s,
+            100_000,
+        )?,
+        new_identities_burst: within(
+            "limits.new_identities_burst",
+            raw.new_identities_burst,
+            d.new_identities_burst,
+            100_000,
+        )?,
+        max_identities: within(
+            "limits.max_identities",
+            raw.max_identities,
+            d.max_identities,
+            1_000_000,
+        )?,
+        invalidate_interval: Duration::from_secs(invalidate_s),
+    })
 }
 
 #[cfg(test)]
@@ -553,7 +681,8 @@ mod tests {
         assert_eq!(c.token_endpoint.authority, "auth.openai.com");
         assert_eq!(c.token_endpoint.path, "/oauth/token");
         assert_eq!(c.token_endpoint.timeout, Duration::from_millis(5000));
-        assert_eq!(c.hosts, vec!["api.openai.com"]);
+        assert_eq!(c.scope, Scope::Hosts(vec!["api.openai.com".into()]));
+        assert_eq!(c.limits, Limits::default());
     }
 
     #[test]
@@ -570,7 +699,10 @@ mod tests {
             c.subject_token_type.urn(),
             "urn:ietf:params:oauth:token-type:id_token"
         );
-        assert_eq!(c.hosts, vec!["api.openai.com", "gateway.internal"]);
+        assert_eq!(
+            c.scope,
+            Scope::Hosts(vec!["api.openai.com".into(), "gateway.internal".into()])
+        );
         assert_eq!(c.token_endpoint.timeout, Duration::from_millis(250));
     }
 
@@ -611,30 +743,73 @@ mod tests {
     }
 
     #[test]
-    fn host_matching_ignores_port_and_case() {
-        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["api.openai.com","localhost"]}"#).unwrap();
+    fn host_matching_ignores_port_and_case_and_refuses_what_does_not_parse() {
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["api.openai.com","localhost","gateway.internal."]}"#).unwrap();
+        let handling = |a: &str| c.handling(Some(a.as_bytes()));
         for yes in [
             "api.openai.com",
             "API.OpenAI.com",
             "api.openai.com:443",
             "api.openai.com.",
             "localhost:10000",
+            "gateway.internal",
         ] {
-            assert!(c.handles(yes), "{yes}");
+            assert_eq!(handling(yes), Handling::Authorise, "{yes}");
         }
         for no in [
-            "",
             "openai.com",
             "api.openai.com.evil.example",
             "evil.example",
             "api.openai.co",
             "xapi.openai.com",
         ] {
-            assert!(!c.handles(no), "{no}");
+            assert_eq!(handling(no), Handling::PassThrough, "{no}");
         }
+        for refused in [
+            "",
+            "api.openai.com:443:443",
+            "api.openai.com::",
+            "api.openai.com:]",
+            "api.openai.com:1,x:2",
+            "API.OPENAI.COM:443:80",
+            "localhost:1:1",
+        ] {
+            assert!(
+                matches!(handling(refused), Handling::Refuse(_)),
+                "{refused}"
+            );
+        }
+        assert!(matches!(c.handling(None), Handling::Refuse(_)));
+        assert!(matches!(
+            c.handling(Some(b"api.openai.com\xff")),
+            Handling::Refuse(_)
+        ));
         let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["[::1]"]}"#).unwrap();
-        assert!(c.handles("[::1]:8080"));
-        assert!(c.handles("[::1]"));
+        assert_eq!(c.handling(Some(b"[::1]:8080")), Handling::Authorise);
+        assert_eq!(c.handling(Some(b"[::1]")), Handling::Authorise);
+    }
+
+    #[test]
+    fn scope_all_authorises_every_request_and_takes_no_hosts() {
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"scope":"all"}"#).unwrap();
+        assert_eq!(c.scope, Scope::All);
+        for a in [None, Some(&b"api.openai.com:443:443"[..]), Some(b"\xff")] {
+            assert_eq!(c.handling(a), Handling::Authorise);
+        }
+    }
+
+    #[test]
+    fn limits_parse_with_defaults() {
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"limits":{"new_identities_per_s":5,"max_identities":16,"invalidate_interval_s":0}}"#).unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                new_identities_per_s: 5,
+                new_identities_burst: 100,
+                max_identities: 16,
+                invalidate_interval: Duration::ZERO,
+            }
+        );
     }
 
     #[test]
@@ -715,6 +890,38 @@ mod tests {
             (
                 r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"subject_token":{"source":"kubernetes","cluster":"k","audience":"x"}}"#,
                 "audience",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["api.openai.com.."]}"#,
+                "hosts",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["*"]}"#,
+                "hosts",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"scope":"all","hosts":["a"]}"#,
+                "hosts",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"scope":"route"}"#,
+                "scope",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"limits":{"max_identities":0}}"#,
+                "limits.max_identities",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"limits":{"new_identities_per_s":-1}}"#,
+                "limits.new_identities_per_s",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"limits":{"burst":1}}"#,
+                "burst",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"limits":{"invalidate_interval_s":7200}}"#,
+                "limits.invalidate_interval_s",
             ),
             ("not json", "(top level)"),
             ("", "(top level)"),

@@ -84,6 +84,12 @@ impl IdentityKey {
         &self.0
     }
 
+    /// A number from the key's first 16 hex digits: where the identity lives in the cache table.
+    pub fn home(&self) -> u64 {
+        let digits = self.0.get(..16).unwrap_or(&self.0);
+        u64::from_str_radix(digits, 16).unwrap_or(0)
+    }
+
     /// A prefix for logs: enough to correlate, too short to matter.
     pub fn short(&self) -> &str {
         &self.0[..12.min(self.0.len())]

@@ -15,9 +15,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::IdentityKey;
-use crate::shared::{SharedStore, StoreError, KEY_PREFIX};
+use crate::shared::{self, SharedStore, StoreError, KEY_PREFIX};
 
-const CAS_ATTEMPTS: usize = 64;
+/// Most leases held at once, gateway-wide. New identities are admitted at a bounded rate and
+/// a lease lives for one fetch, so a full table means something is wrong: refuse, don't grow.
+pub const MAX_LEASES: usize = 1024;
 
 pub fn table_key() -> String {
     format!("{KEY_PREFIX}leases")
@@ -37,6 +39,8 @@ pub enum Acquire {
     Acquired,
     /// Someone holds it until `deadline_ms`; wait for their result.
     Held(Lease),
+    /// [`MAX_LEASES`] live leases are held: nobody may start another fetch until one ends.
+    Full,
 }
 
 /// Creates the lease table if it does not exist yet. Called when a VM starts.
@@ -47,15 +51,6 @@ pub fn ensure_table(store: &dyn SharedStore) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn decode(bytes: &[u8]) -> Table {
-    serde_json::from_slice(bytes).unwrap_or_default()
-}
-
-fn write(store: &dyn SharedStore, table: &Table, cas: Option<u32>) -> Result<(), StoreError> {
-    let bytes = serde_json::to_vec(table).map_err(|_| StoreError::Host(0))?;
-    store.set(&table_key(), &bytes, cas)
-}
-
 /// Takes the lease for `identity` until `deadline_ms` unless someone else holds a live one.
 pub fn try_acquire(
     store: &dyn SharedStore,
@@ -64,26 +59,27 @@ pub fn try_acquire(
     now_ms: u64,
     deadline_ms: u64,
 ) -> Result<Acquire, StoreError> {
-    for _ in 0..CAS_ATTEMPTS {
-        let (mut table, cas) = match store.get(&table_key())? {
-            Some((bytes, cas)) => (decode(&bytes), Some(cas)),
-            None => (Table::new(), None),
-        };
-        if let Some(lease) = table.get(identity.as_str()) {
-            if lease.deadline_ms > now_ms {
-                return Ok(Acquire::Held(*lease));
-            }
+    let mut outcome = Acquire::Acquired;
+    shared::update(store, &table_key(), |current: Option<&Table>| {
+        let mut table = current.cloned().unwrap_or_default();
+        if let Some(lease) = table
+            .get(identity.as_str())
+            .filter(|l| l.deadline_ms > now_ms)
+        {
+            outcome = Acquire::Held(*lease);
+            return None;
         }
         // Drop every lease past its deadline while writing anyway, so the table stays small.
         table.retain(|_, l| l.deadline_ms > now_ms);
-        table.insert(identity.as_str().to_string(), Lease { owner, deadline_ms });
-        match write(store, &table, cas) {
-            Ok(()) => return Ok(Acquire::Acquired),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
+        if table.len() >= MAX_LEASES {
+            outcome = Acquire::Full;
+            return None;
         }
-    }
-    Err(StoreError::CasMismatch)
+        table.insert(identity.as_str().to_string(), Lease { owner, deadline_ms });
+        outcome = Acquire::Acquired;
+        Some(table)
+    })?;
+    Ok(outcome)
 }
 
 /// Gives the lease back, if `owner` still holds it.
@@ -92,24 +88,17 @@ pub fn release(
     identity: &IdentityKey,
     owner: u64,
 ) -> Result<(), StoreError> {
-    for _ in 0..CAS_ATTEMPTS {
-        let Some((bytes, cas)) = store.get(&table_key())? else {
-            return Ok(());
-        };
-        let mut table = decode(&bytes);
+    shared::update(store, &table_key(), |current: Option<&Table>| {
+        let mut table = current?.clone();
         match table.get(identity.as_str()) {
             Some(l) if l.owner == owner => {
                 table.remove(identity.as_str());
+                Some(table)
             }
-            _ => return Ok(()),
+            _ => None,
         }
-        match write(store, &table, Some(cas)) {
-            Ok(()) => return Ok(()),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(StoreError::CasMismatch)
+    })?;
+    Ok(())
 }
 
 /// The live lease on `identity`, if any (what the tests assert on).
@@ -120,7 +109,8 @@ pub fn holder(
     now_ms: u64,
 ) -> Result<Option<Lease>, StoreError> {
     Ok(store.get(&table_key())?.and_then(|(bytes, _)| {
-        decode(&bytes)
+        serde_json::from_slice::<Table>(&bytes)
+            .unwrap_or_default()
             .get(identity.as_str())
             .copied()
             .filter(|l| l.deadline_ms > now_ms)
@@ -191,8 +181,8 @@ mod tests {
             try_acquire(&s, &id(&format!("k{i}")), 1, NOW, NOW + 10).unwrap();
         }
         try_acquire(&s, &id("fresh"), 1, NOW + 20, NOW + 30).unwrap();
-        let (bytes, _) = s.get(&table_key()).unwrap().unwrap();
-        assert_eq!(decode(&bytes).len(), 1);
+        let (table, _) = shared::read::<Table>(&s, &table_key()).unwrap().unwrap();
+        assert_eq!(table.len(), 1);
     }
 
     #[test]
@@ -214,37 +204,43 @@ mod tests {
         );
     }
 
-    /// Simulates racing workers: a store that lets another owner slip in before our first write.
-    struct Contended {
-        inner: MemoryStore,
-        raced: std::cell::Cell<bool>,
-    }
-
-    impl SharedStore for Contended {
-        fn get(&self, key: &str) -> Result<Option<crate::shared::Versioned>, StoreError> {
-            self.inner.get(key)
-        }
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
-            if !self.raced.replace(true) {
-                try_acquire(&self.inner, &id("a"), 99, NOW, NOW + 500)?;
-            }
-            self.inner.set(key, value, cas)
-        }
-    }
-
     #[test]
     fn losing_the_race_means_waiting() {
-        let s = Contended {
-            inner: MemoryStore::default(),
-            raced: false.into(),
-        };
-        ensure_table(&s.inner).unwrap();
+        let s = MemoryStore::default();
+        ensure_table(&s).unwrap();
+        s.race_next_write(|s| {
+            try_acquire(s, &id("a"), 99, NOW, NOW + 500).unwrap();
+        });
         assert_eq!(
             try_acquire(&s, &id("a"), 1, NOW, NOW + 100).unwrap(),
             Acquire::Held(Lease {
                 owner: 99,
                 deadline_ms: NOW + 500
             })
+        );
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let s = MemoryStore::default();
+        ensure_table(&s).unwrap();
+        for i in 0..MAX_LEASES {
+            let got = try_acquire(&s, &id(&format!("k{i}")), 1, NOW, NOW + 100).unwrap();
+            assert_eq!(got, Acquire::Acquired);
+        }
+        assert_eq!(
+            try_acquire(&s, &id("one-more"), 1, NOW, NOW + 100).unwrap(),
+            Acquire::Full
+        );
+        release(&s, &id("k0"), 1).unwrap();
+        assert_eq!(
+            try_acquire(&s, &id("one-more"), 1, NOW, NOW + 100).unwrap(),
+            Acquire::Acquired
+        );
+        // Once deadlines pass, the table empties itself on the next write.
+        assert_eq!(
+            try_acquire(&s, &id("later"), 1, NOW + 100, NOW + 200).unwrap(),
+            Acquire::Acquired
         );
     }
 }

@@ -9,6 +9,8 @@
 //! fetches and exchanges, and the modules below them are pure logic with their own tests.
 //! [`host`] is the only module that talks to Envoy.
 
+pub mod admission;
+pub mod authority;
 pub mod cache;
 pub mod config;
 pub mod exchange;
@@ -18,6 +20,7 @@ pub mod identity;
 pub mod jwt;
 pub mod lease;
 pub mod lifetime;
+pub mod logs;
 pub mod metrics;
 pub mod reply;
 pub mod secret;

@@ -11,10 +11,12 @@ pub enum Counter {
     SubjectFetchOk,
     SubjectFetchFailed,
     TokensInvalidated,
+    NewIdentitiesRefused,
+    AuthoritiesRefused,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 10] = [
         Counter::ExchangesOk,
         Counter::ExchangesFailed,
         Counter::CacheHit,
@@ -23,6 +25,8 @@ impl Counter {
         Counter::SubjectFetchOk,
         Counter::SubjectFetchFailed,
         Counter::TokensInvalidated,
+        Counter::NewIdentitiesRefused,
+        Counter::AuthoritiesRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +39,8 @@ impl Counter {
             Counter::SubjectFetchOk => "openai_wif.subject_fetch_ok",
             Counter::SubjectFetchFailed => "openai_wif.subject_fetch_failed",
             Counter::TokensInvalidated => "openai_wif.tokens_invalidated",
+            Counter::NewIdentitiesRefused => "openai_wif.new_identities_refused",
+            Counter::AuthoritiesRefused => "openai_wif.authorities_refused",
         }
     }
 
@@ -46,7 +52,7 @@ impl Counter {
 /// The host's ids for each counter, defined once per VM.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    ids: [Option<u32>; 8],
+    ids: [Option<u32>; Counter::ALL.len()],
 }
 
 impl Metrics {

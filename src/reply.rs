@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Code {
+    InvalidAuthority,
     MissingSubjectToken,
     InvalidSubjectToken,
     SubjectTokenExpired,
@@ -17,12 +18,14 @@ pub enum Code {
     TokenEndpointUnavailable,
     SubjectSourceUnavailable,
     TokenWaitTimeout,
+    TooManyNewIdentities,
     InternalError,
 }
 
 impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
+            Code::InvalidAuthority => "invalid_authority",
             Code::MissingSubjectToken => "missing_subject_token",
             Code::InvalidSubjectToken => "invalid_subject_token",
             Code::SubjectTokenExpired => "subject_token_expired",
@@ -30,15 +33,18 @@ impl Code {
             Code::TokenEndpointUnavailable => "token_endpoint_unavailable",
             Code::SubjectSourceUnavailable => "subject_source_unavailable",
             Code::TokenWaitTimeout => "token_wait_timeout",
+            Code::TooManyNewIdentities => "too_many_new_identities",
             Code::InternalError => "internal_error",
         }
     }
 
     pub fn status(self) -> u32 {
         match self {
+            Code::InvalidAuthority => 400,
             Code::MissingSubjectToken | Code::InvalidSubjectToken | Code::SubjectTokenExpired => {
                 401
             }
+            Code::TooManyNewIdentities => 429,
             Code::TokenExchangeFailed => 502,
             Code::TokenEndpointUnavailable
             | Code::SubjectSourceUnavailable
@@ -48,10 +54,10 @@ impl Code {
     }
 
     fn error_type(self) -> &'static str {
-        if self.status() == 401 {
-            "invalid_request_error"
-        } else {
-            "server_error"
+        match self.status() {
+            400 | 401 => "invalid_request_error",
+            429 => "rate_limit_error",
+            _ => "server_error",
         }
     }
 }
@@ -144,6 +150,12 @@ mod tests {
         assert_eq!(Code::SubjectTokenExpired.status(), 401);
         assert_eq!(Code::TokenEndpointUnavailable.status(), 503);
         assert_eq!(Code::SubjectSourceUnavailable.status(), 503);
+        assert_eq!(Code::InvalidAuthority.status(), 400);
+        assert_eq!(Code::TooManyNewIdentities.status(), 429);
+        let r = LocalReply::from_failure(&Failure::new(Code::TooManyNewIdentities, "x"), Some(1));
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "too_many_new_identities");
         let r = LocalReply::from_failure(&Failure::new(Code::InvalidSubjectToken, "x"), None);
         let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");

@@ -7,7 +7,7 @@
 
 /// Every key this filter writes starts with this prefix; the version changes when a value's
 /// encoding does, so an old and a new module never misread each other.
-pub const KEY_PREFIX: &str = "openai_wif.v1.";
+pub const KEY_PREFIX: &str = "openai_wif.v2.";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -15,6 +15,52 @@ pub enum StoreError {
     CasMismatch,
     #[error("shared data call failed with status {0}")]
     Host(u32),
+    #[error("a value could not be encoded")]
+    Encoding,
+    #[error("still contended after {CAS_ATTEMPTS} attempts")]
+    Contended,
+}
+
+/// How many times a read-modify-write is tried when other workers keep writing in between.
+pub const CAS_ATTEMPTS: usize = 32;
+
+/// Read-modify-write of a JSON value with CAS, the one way this filter updates shared data.
+/// `change` gets the current value (`None` when missing or undecodable) and returns the new one,
+/// or `None` to leave it as it is. Returns what was written.
+pub fn update<T, F>(
+    store: &dyn SharedStore,
+    key: &str,
+    mut change: F,
+) -> Result<Option<T>, StoreError>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned,
+    F: FnMut(Option<&T>) -> Option<T>,
+{
+    for _ in 0..CAS_ATTEMPTS {
+        let current = store.get(key)?;
+        let cas = current.as_ref().map(|(_, cas)| *cas);
+        let value: Option<T> = current.and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok());
+        let Some(next) = change(value.as_ref()) else {
+            return Ok(None);
+        };
+        let bytes = serde_json::to_vec(&next).map_err(|_| StoreError::Encoding)?;
+        match store.set(key, &bytes, cas) {
+            Ok(()) => return Ok(Some(next)),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Contended)
+}
+
+/// Reads a JSON value with its CAS number; a missing or undecodable one is `None`.
+pub fn read<T: serde::de::DeserializeOwned>(
+    store: &dyn SharedStore,
+    key: &str,
+) -> Result<Option<(T, u32)>, StoreError> {
+    Ok(store
+        .get(key)?
+        .and_then(|(bytes, cas)| serde_json::from_slice(&bytes).ok().map(|v| (v, cas))))
 }
 
 /// A value and the CAS number it was read with.
@@ -32,6 +78,29 @@ pub trait SharedStore {
 #[derive(Default)]
 pub struct MemoryStore {
     inner: std::cell::RefCell<(std::collections::HashMap<String, Versioned>, u32)>,
+    /// Runs once, before the next write: what another worker does between our read and write.
+    race: std::cell::RefCell<Option<OtherWorker>>,
+}
+
+#[cfg(test)]
+type OtherWorker = Box<dyn FnOnce(&MemoryStore)>;
+
+#[cfg(test)]
+impl MemoryStore {
+    /// Makes `other_worker` run right before the next write.
+    pub fn race_next_write(&self, other_worker: impl FnOnce(&MemoryStore) + 'static) {
+        *self.race.borrow_mut() = Some(Box::new(other_worker));
+    }
+
+    /// Every key and the size of its value, for memory assertions.
+    pub fn sizes(&self) -> Vec<(String, usize)> {
+        self.inner
+            .borrow()
+            .0
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.len()))
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -41,6 +110,10 @@ impl SharedStore for MemoryStore {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        let race = self.race.borrow_mut().take();
+        if let Some(other_worker) = race {
+            other_worker(self);
+        }
         let mut inner = self.inner.borrow_mut();
         inner.1 += 1;
         let next = inner.1;
@@ -78,5 +151,24 @@ mod tests {
         assert_eq!(s.set("k", b"c", Some(cas)), Err(StoreError::CasMismatch));
         s.set("k", b"c", None).unwrap();
         assert_eq!(s.get("k").unwrap().unwrap().0, b"c");
+    }
+
+    #[test]
+    fn update_retries_when_another_worker_wrote_first() {
+        let s = MemoryStore::default();
+        s.set("k", b"1", None).unwrap();
+        s.race_next_write(|s| s.set("k", b"10", None).unwrap());
+        let mut seen = Vec::new();
+        let written = update(&s, "k", |v: Option<&u32>| {
+            seen.push(v.copied());
+            v.map(|n| n + 1)
+        })
+        .unwrap();
+        assert_eq!(seen, vec![Some(1), Some(10)]);
+        assert_eq!(written, Some(11));
+        assert_eq!(read::<u32>(&s, "k").unwrap().map(|(v, _)| v), Some(11));
+        assert_eq!(update(&s, "k", |_: Option<&u32>| None).unwrap(), None);
+        s.set("bad", b"\x00", None).unwrap();
+        assert!(read::<u32>(&s, "bad").unwrap().is_none());
     }
 }

@@ -1,10 +1,12 @@
 //! The HTTP context: where a request enters.
 //!
-//! For a request to a configured OpenAI host: find its identity (the workload's subject token,
-//! or the gateway's own), remove any credential the client sent, then look the identity up in
-//! the shared cache. A usable token is injected and the request continues; otherwise the request
-//! pauses until the root context resumes it with a token or answers it with an error. Nothing
-//! is forwarded to OpenAI without a token this filter obtained.
+//! Every request loses the subject-token header (a credential for this gateway alone). For a
+//! request the filter authorises (see [`Config::handling`]): find its identity (the workload's
+//! subject token, or the gateway's own), remove any credential the client sent, then look the
+//! identity up in the shared cache. A usable token is injected and the request continues;
+//! otherwise the request pauses until the root context resumes it with a token or answers it
+//! with an error. An `:authority` the filter cannot parse is refused. Nothing is forwarded to
+//! OpenAI without a token this filter obtained.
 
 use std::rc::Rc;
 
@@ -12,8 +14,9 @@ use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 
 use super::{RequestSubject, Vm, Waiter};
-use crate::cache::{self, lookup, Lookup, Record};
-use crate::config::{Config, SubjectSource};
+use crate::admission::{self, Admit};
+use crate::cache::{lookup, Lookup, Record};
+use crate::config::{Config, Handling, SubjectSource};
 use crate::host::{self, Shared};
 use crate::identity::IdentityKey;
 use crate::lifetime;
@@ -21,13 +24,27 @@ use crate::metrics::Counter;
 use crate::reply::{Code, Failure, LocalReply};
 use crate::subject::header;
 
+/// Where a request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Headers not seen yet.
+    New,
+    /// Not one the filter authorises: it flows untouched (but for the subject header).
+    Passed,
+    /// Paused until the root context resumes or answers it; its body and trailers wait too.
+    Waiting,
+    /// Sent on with a token.
+    Released,
+    /// Answered locally.
+    Answered,
+}
+
 pub struct Http {
     id: u32,
     vm: Rc<Vm>,
     config: Option<Rc<Config>>,
     gateway: Option<IdentityKey>,
-    /// Set while the request waits for a token; its body is held back meanwhile.
-    paused: bool,
+    state: State,
     /// The identity and token fingerprint this request was sent with, to invalidate on a 401.
     injected: Option<(IdentityKey, String)>,
 }
@@ -44,7 +61,7 @@ impl Http {
             vm,
             config,
             gateway,
-            paused: false,
+            state: State::New,
             injected: None,
         }
     }
@@ -53,23 +70,15 @@ impl Http {
         let now = host::now_ms();
         let (identity, subject) = match &config.subject {
             SubjectSource::Header { header: name } => {
-                match header::accept(host::request_header(name), name, now / 1000) {
-                    Ok((token, claims)) => {
-                        if host::set_request_header(name, None).is_err() {
-                            return self.deny(
-                                &internal("could not remove the subject token header"),
-                                None,
-                            );
-                        }
-                        let identity = IdentityKey::for_subject(config, &token);
-                        (
-                            identity,
-                            Some(RequestSubject {
-                                token,
-                                exp_s: claims.exp,
-                            }),
-                        )
-                    }
+                let value = host::request_header(name);
+                match header::accept(value.as_deref(), name, now / 1000) {
+                    Ok((token, claims)) => (
+                        IdentityKey::for_subject(config, &token),
+                        Some(RequestSubject {
+                            token,
+                            exp_s: claims.exp,
+                        }),
+                    ),
                     Err(f) => return self.deny(&f, None),
                 }
             }
@@ -81,24 +90,24 @@ impl Http {
             },
         };
         // A client's own key must never reach OpenAI.
-        if host::set_request_header("authorization", None).is_err() {
+        if host::remove_request_header("authorization").is_err() {
             return self.deny(
                 &internal("could not remove the client's authorization header"),
                 None,
             );
         }
-        let record = cache::record(&Shared, &identity);
-        match lookup(record.as_ref(), now) {
+        let found = self.vm.table.get().find(&Shared, &identity);
+        match lookup(found.as_ref().map(|f| &f.record), now) {
             Lookup::Use { token, refresh } => {
-                let bearer = format!("Bearer {}", token.expose());
-                if host::set_request_header("authorization", Some(&bearer)).is_err() {
+                if host::inject(&token.access_token).is_err() {
                     return self.deny(&internal("could not set the authorization header"), None);
                 }
                 self.vm.count(Counter::CacheHit);
-                self.injected = Some((identity.clone(), token.fingerprint()));
+                self.injected = Some((identity.clone(), token.fingerprint));
                 if refresh {
                     self.vm.want(identity, subject);
                 }
+                self.state = State::Released;
                 Action::Continue
             }
             Lookup::Backoff(f) => {
@@ -106,6 +115,12 @@ impl Http {
                 self.deny(&f.failure, Some(retry))
             }
             Lookup::Miss => {
+                let known = found.is_some() || self.vm.waiting.borrow().contains_key(&identity);
+                if !known {
+                    if let Some(refusal) = self.admit(config, now) {
+                        return refusal;
+                    }
+                }
                 self.vm.count(Counter::CacheMiss);
                 let waiter = Waiter {
                     context_id: self.id,
@@ -115,48 +130,96 @@ impl Http {
                 self.vm
                     .add_waiter(identity.clone(), subject.clone(), waiter);
                 self.vm.want(identity, subject);
-                self.paused = true;
+                self.state = State::Waiting;
                 Action::Pause
             }
         }
     }
 
-    /// Body and trailers wait with the headers: `Continue` here would release the headers
-    /// without a token. Once the root context has resumed the request they flow.
-    fn hold(&mut self) -> Action {
-        if self.paused && self.vm.resumed.borrow().contains_key(&self.id) {
-            self.paused = false;
-        }
-        if self.paused {
-            Action::Pause
-        } else {
-            Action::Continue
+    /// An identity with no cache record draws on the gateway-wide budget for new identities;
+    /// `Some` is the refusal when it is spent.
+    fn admit(&mut self, config: &Config, now: u64) -> Option<Action> {
+        let limits = &config.limits;
+        let admitted = admission::take(
+            &Shared,
+            now,
+            limits.new_identities_per_s,
+            limits.new_identities_burst,
+        );
+        let retry_after_ms = match admitted {
+            Ok(Admit::Yes) => return None,
+            Ok(Admit::No { retry_after_ms }) => retry_after_ms,
+            // Shared data that cannot be read or written: refuse rather than run unbounded.
+            Err(e) => {
+                self.vm.log_warn(
+                    "admission_unavailable",
+                    format_args!("new-identity budget unavailable: {e}"),
+                );
+                1000
+            }
+        };
+        self.vm.count(Counter::NewIdentitiesRefused);
+        self.vm.log_warn(
+            "new_identity_refused",
+            format_args!(
+                "refusing a new identity: more than {} per second ({} at once) are being exchanged",
+                limits.new_identities_per_s, limits.new_identities_burst
+            ),
+        );
+        let failure = Failure::new(
+            Code::TooManyNewIdentities,
+            "too many new identities are being exchanged at this gateway; retry later",
+        );
+        Some(self.deny(&failure, Some(retry_after_ms.div_ceil(1000).max(1))))
+    }
+
+    /// Picks up what the root context did meanwhile: a waiting request it resumed with a token.
+    fn sync(&mut self) {
+        if self.state == State::Waiting {
+            if let Some(injected) = self.vm.resumed.borrow_mut().remove(&self.id) {
+                self.injected = Some(injected);
+                self.state = State::Released;
+            }
         }
     }
 
     fn deny(&mut self, failure: &Failure, retry_after_s: Option<u64>) -> Action {
         self.vm.count(Counter::RequestsDenied);
-        log::debug!("openai_wif: refusing request: {}", failure.message);
+        self.vm.log_debug(
+            "request_refused",
+            format_args!("refusing request: {}", failure.message),
+        );
         if let Err(e) = host::send_reply(&LocalReply::from_failure(failure, retry_after_s)) {
             log::warn!("openai_wif: could not send the local reply: {e}");
         }
-        self.paused = true;
+        self.state = State::Answered;
         Action::Pause
     }
 
     /// OpenAI refused a token this filter injected: drop it from the cache so the next request
-    /// exchanges again, unless another worker has already replaced it.
+    /// exchanges again, unless another worker has already replaced it, or an invalidation of
+    /// this identity happened within the configured interval.
     fn invalidate(&self, identity: &IdentityKey, fingerprint: &str) {
-        let changed = cache::update(
-            &Shared,
-            &cache::token_key(identity),
-            |r: Option<&Record>| r.and_then(|r| r.invalidated(fingerprint)),
-        );
+        let Some(config) = &self.config else {
+            return;
+        };
+        let now = host::now_ms();
+        let interval = lifetime::millis(config.limits.invalidate_interval);
+        let changed = self
+            .vm
+            .table
+            .get()
+            .update(&Shared, identity, now, |r: Option<&Record>| {
+                r.and_then(|r| r.invalidated(fingerprint, now, interval))
+            });
         if let Ok(Some(_)) = changed {
             self.vm.count(Counter::TokensInvalidated);
-            log::warn!(
-                "openai_wif: OpenAI answered 401 to the token of {}; it will be exchanged again",
-                identity.short()
+            self.vm.log_warn(
+                "token_invalidated",
+                format_args!(
+                    "OpenAI answered 401 to the token of {}; it will be exchanged again",
+                    identity.short()
+                ),
             );
         }
     }
@@ -173,27 +236,62 @@ impl HttpContext for Http {
         let Some(config) = self.config.clone() else {
             return self.deny(&internal("openai-wif has no valid configuration"), None);
         };
-        let authority = host::request_header(":authority").unwrap_or_default();
-        if !config.handles(&authority) {
-            return Action::Continue;
+        let action = match config.handling(host::request_header(":authority").as_deref()) {
+            Handling::Authorise => self.authorise(&config),
+            Handling::PassThrough => {
+                self.state = State::Passed;
+                Action::Continue
+            }
+            Handling::Refuse(e) => {
+                self.vm.count(Counter::AuthoritiesRefused);
+                let failure = Failure::new(Code::InvalidAuthority, e.to_string());
+                return self.deny(&failure, None);
+            }
+        };
+        // The subject header never leaves the gateway, whether the request was authorised or
+        // not (removed only now: the header source reads it above).
+        if self.state != State::Answered
+            && host::remove_request_header(config.subject_header()).is_err()
+        {
+            return self.deny(&internal("could not remove the subject token header"), None);
         }
-        self.authorise(&config)
+        action
     }
 
     fn on_http_request_body(&mut self, _size: usize, _end_of_stream: bool) -> Action {
-        self.hold()
+        // Body and trailers wait with the headers: `Continue` here would release the headers
+        // without a token. Once the root context has resumed the request they flow.
+        self.sync();
+        match self.state {
+            State::Waiting | State::Answered => Action::Pause,
+            State::New | State::Passed | State::Released => Action::Continue,
+        }
     }
 
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
-        self.hold()
+        self.sync();
+        if let Some(config) = &self.config {
+            // Credentials in trailers reach the upstream as surely as headers do.
+            let mut removed = host::remove_request_trailer(config.subject_header()).is_ok();
+            if matches!(self.state, State::Waiting | State::Released) {
+                removed &= host::remove_request_trailer("authorization").is_ok();
+            }
+            if !removed && self.state != State::Answered {
+                return self.deny(
+                    &internal("could not remove credentials from the trailers"),
+                    None,
+                );
+            }
+        }
+        match self.state {
+            State::Waiting | State::Answered => Action::Pause,
+            State::New | State::Passed | State::Released => Action::Continue,
+        }
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let injected = self
-            .injected
-            .take()
-            .or_else(|| self.vm.resumed.borrow_mut().remove(&self.id));
-        if let Some((identity, fingerprint)) = injected {
+        self.sync();
+        if let Some((identity, fingerprint)) = self.injected.take() {
             if host::response_header(":status").as_deref() == Some("401") {
                 self.invalidate(&identity, &fingerprint);
             }

@@ -13,14 +13,18 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
+use crate::cache::Table;
 use crate::identity::IdentityKey;
+use crate::logs::Logs;
 use crate::metrics::{Counter, Metrics};
 use crate::secret::Secret;
 use crate::{host, secret};
 
 /// Registers the filter with the SDK.
 pub fn register() {
-    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
+    host::install_logger();
+    // Nothing in the filter panics on any input; should something still, say where.
+    std::panic::set_hook(Box::new(|info| log::error!("openai_wif: {info}")));
     proxy_wasm::set_root_context(|context_id| Box::new(root::Root::new(context_id)));
 }
 
@@ -53,6 +57,9 @@ pub struct Want {
     pub subject: Option<RequestSubject>,
 }
 
+/// Most fetches one VM's requests may ask for between two wake-ups of its root context.
+const MAX_WANTS: usize = 1024;
+
 /// State shared by the contexts of one VM (one thread: `RefCell`s, never held across host calls).
 pub struct Vm {
     /// Names this VM in lease records.
@@ -60,6 +67,10 @@ pub struct Vm {
     /// This VM's own wake-up queue: an HTTP context enqueues, the root context runs.
     pub queue: Cell<Option<u32>>,
     pub metrics: RefCell<Metrics>,
+    /// The shape of the cache table (from the configuration's `max_identities`).
+    pub table: Cell<Table>,
+    pub logs: RefCell<Logs>,
+    pub debug_logs: RefCell<Logs>,
     pub waiting: RefCell<BTreeMap<IdentityKey, Waiting>>,
     pub wants: RefCell<Vec<Want>>,
     /// Requests resumed by the root context with a token: the identity and the token's fingerprint,
@@ -73,6 +84,9 @@ impl Vm {
             owner: host::random_u64(),
             queue: Cell::new(None),
             metrics: RefCell::new(Metrics::default()),
+            table: Cell::new(Table::new(crate::config::Limits::default().max_identities)),
+            logs: RefCell::new(Logs::default()),
+            debug_logs: RefCell::new(Logs::default()),
             waiting: RefCell::new(BTreeMap::new()),
             wants: RefCell::new(Vec::new()),
             resumed: RefCell::new(BTreeMap::new()),
@@ -85,12 +99,50 @@ impl Vm {
         }
     }
 
+    /// Logs at warning level, at most once per kind per window (see [`crate::logs`]).
+    pub fn log_warn(&self, kind: &'static str, message: std::fmt::Arguments<'_>) {
+        if self.logs.borrow_mut().allow(kind, host::now_ms()) {
+            log::warn!("openai_wif: {message}");
+        }
+    }
+
+    pub fn log_debug(&self, kind: &'static str, message: std::fmt::Arguments<'_>) {
+        if self.debug_logs.borrow_mut().allow(kind, host::now_ms()) {
+            log::debug!("openai_wif: {message}");
+        }
+    }
+
+    /// Logs how many lines each kind held back in windows that have closed.
+    pub fn flush_logs(&self, now_ms: u64) {
+        let window_s = crate::logs::WINDOW_MS / 1000;
+        for (kind, count) in self.logs.borrow_mut().flush(now_ms) {
+            log::warn!("openai_wif: {count} more {kind} events in the last {window_s} s (logged once per window)");
+        }
+        for (kind, count) in self.debug_logs.borrow_mut().flush(now_ms) {
+            log::debug!("openai_wif: {count} more {kind} events in the last {window_s} s (logged once per window)");
+        }
+    }
+
     /// Asks the root context to fetch a token for `identity`, through this VM's queue.
+    /// One want per identity is enough; the list is emptied on every wake-up, and bounded
+    /// should wake-ups fail (the requests still wait, and the tick retries their fetches).
     pub fn want(&self, identity: IdentityKey, subject: Option<RequestSubject>) {
-        self.wants.borrow_mut().push(Want { identity, subject });
+        {
+            let mut wants = self.wants.borrow_mut();
+            if wants.iter().any(|w| w.identity == identity) {
+                return;
+            }
+            if wants.len() >= MAX_WANTS {
+                return;
+            }
+            wants.push(Want { identity, subject });
+        }
         if let Some(q) = self.queue.get() {
             if let Err(e) = host::enqueue(q) {
-                log::warn!("openai_wif: could not wake the root context: {e}");
+                self.log_warn(
+                    "wake_failed",
+                    format_args!("could not wake the root context: {e}"),
+                );
             }
         }
     }

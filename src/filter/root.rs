@@ -17,17 +17,16 @@
 //! waiting on this VM for tokens fetched by other workers, takes over leases whose owner is
 //! gone, and (for platform sources) refreshes the gateway's token before it is needed.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::ops::Bound::{Excluded, Unbounded};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType};
+use proxy_wasm::types::ContextType;
 
 use super::http::Http;
 use super::{queue_name, RequestSubject, Vm, Waiter};
-use crate::cache::{self, lookup, CachedToken, Lookup, Record, SubjectRecord};
+use crate::cache::{self, lookup, CachedToken, Lookup, Record, SubjectRecord, Table};
 use crate::config::{Config, SubjectSource};
 use crate::exchange;
 use crate::host::{self, Shared};
@@ -37,6 +36,7 @@ use crate::lifetime;
 use crate::metrics::{Counter, Metrics};
 use crate::reply::{Code, Failure, LocalReply};
 use crate::secret::Secret;
+use crate::shared;
 use crate::subject::{self, SourceCall, SourceResponse, MAX_SOURCE_RESPONSE_BYTES};
 
 /// Tick while requests wait on this VM: how soon a token fetched by another worker is seen.
@@ -46,9 +46,9 @@ const SLOW_TICK: Duration = Duration::from_millis(250);
 /// Lifetime assumed for a platform subject token without `exp`.
 const SUBJECT_DEFAULT_LIFETIME_MS: u64 = 300_000;
 const MAX_CONFIGURATION_BYTES: usize = 64 * 1024;
-/// How often spent cache records written by this VM are looked for, and how many per pass.
+/// How often spent cache records are looked for, and how many slots per pass.
 const SWEEP_EVERY_MS: u64 = 60_000;
-const SWEEP_BATCH: usize = 256;
+const SWEEP_BATCH: u32 = 256;
 
 enum Stage {
     /// Fetching the gateway's subject token; then exchange it, or (a periodic re-read) stop.
@@ -76,10 +76,8 @@ pub struct Root {
     /// In-flight callouts by token.
     jobs: BTreeMap<u32, Job>,
     tick: Option<Duration>,
-    /// Identities whose cache record this VM wrote, to clear once spent (see `sweep`).
-    written: BTreeSet<IdentityKey>,
-    /// Where the next sweep batch starts, when the set is larger than one batch.
-    sweep_cursor: Option<IdentityKey>,
+    /// The slot where the next sweep batch starts (see `sweep`).
+    sweep_cursor: u32,
     next_sweep_ms: u64,
 }
 
@@ -92,8 +90,7 @@ impl Root {
             gateway: None,
             jobs: BTreeMap::new(),
             tick: None,
-            written: BTreeSet::new(),
-            sweep_cursor: None,
+            sweep_cursor: 0,
             next_sweep_ms: 0,
         }
     }
@@ -105,19 +102,27 @@ impl Root {
                 .map_err(|e| format!("could not register the wake-up queue: {e}"))?;
             self.vm.queue.set(Some(queue));
             *self.vm.metrics.borrow_mut() = Metrics::define(host::define_counter);
+            // Sweeps start at a random slot so the VMs share the work.
+            self.sweep_cursor =
+                (host::random_u64() % u64::from(config.limits.max_identities)) as u32;
         }
+        self.vm.table.set(Table::new(config.limits.max_identities));
         lease::ensure_table(&Shared)
             .map_err(|e| format!("could not create the lease table: {e}"))?;
         self.gateway = config
             .subject
             .is_gateway_identity()
             .then(|| IdentityKey::for_gateway(&config));
+        let scope = match &config.scope {
+            crate::config::Scope::Hosts(hosts) => format!("hosts {hosts:?}"),
+            crate::config::Scope::All => "every request the filter sees".to_string(),
+        };
         log::info!(
-            "openai_wif {}: subject source {}, token endpoint cluster {}, hosts {:?}",
+            "openai_wif {}: subject source {}, token endpoint cluster {}, authorising {scope}, at most {} identities",
             env!("CARGO_PKG_VERSION"),
             config.subject.name(),
             config.token_endpoint.cluster,
-            config.hosts,
+            config.limits.max_identities,
         );
         self.config = Some(Rc::new(config));
         Ok(())
@@ -127,8 +132,18 @@ impl Root {
         self.jobs.values().any(|j| &j.identity == identity)
     }
 
-    /// Starts a fetch for `identity` unless one is running anywhere or none is needed.
-    fn start_if_needed(&mut self, identity: IdentityKey, subject: Option<RequestSubject>) {
+    fn table(&self) -> Table {
+        self.vm.table.get()
+    }
+
+    /// Starts a fetch for `identity`, whose cache record is `record`, unless one is running
+    /// anywhere or none is needed.
+    fn start_if_needed(
+        &mut self,
+        identity: IdentityKey,
+        subject: Option<RequestSubject>,
+        record: Option<&Record>,
+    ) {
         let Some(config) = self.config.clone() else {
             return;
         };
@@ -136,7 +151,7 @@ impl Root {
             return;
         }
         let now = host::now_ms();
-        match lookup(cache::record(&Shared, &identity).as_ref(), now) {
+        match lookup(record, now) {
             Lookup::Use { refresh: false, .. } | Lookup::Backoff(_) => return,
             Lookup::Use { refresh: true, .. } | Lookup::Miss => {}
         }
@@ -144,9 +159,17 @@ impl Root {
         match lease::try_acquire(&Shared, &identity, self.vm.owner, now, deadline) {
             Ok(Acquire::Acquired) => self.begin(&config, identity, subject),
             Ok(Acquire::Held(_)) => {}
-            Err(e) => log::warn!(
-                "openai_wif: lease for {} unavailable: {e}",
-                identity.short()
+            Ok(Acquire::Full) => self.vm.log_warn(
+                "leases_full",
+                format_args!(
+                    "no fetch started for {}: {} fetches are running",
+                    identity.short(),
+                    lease::MAX_LEASES
+                ),
+            ),
+            Err(e) => self.vm.log_warn(
+                "lease_unavailable",
+                format_args!("lease for {} unavailable: {e}", identity.short()),
             ),
         }
     }
@@ -162,7 +185,7 @@ impl Root {
             return;
         }
         let now = host::now_ms();
-        match cache::read::<SubjectRecord>(&Shared, &cache::subject_key(&identity)) {
+        match shared::read::<SubjectRecord>(&Shared, &cache::subject_key(&identity)) {
             Ok(Some((s, _))) if s.reusable(now) => {
                 self.exchange(config, identity, &s.subject, s.exp_s)
             }
@@ -300,7 +323,7 @@ impl Root {
                         let exp_s = record.exp_s;
                         let token = record.subject.clone();
                         if let Err(e) =
-                            cache::update(&Shared, &cache::subject_key(&job.identity), |_| {
+                            shared::update(&Shared, &cache::subject_key(&job.identity), |_| {
                                 Some(record.clone())
                             })
                         {
@@ -319,7 +342,8 @@ impl Root {
                     }
                     Err(e) => {
                         self.vm.count(Counter::SubjectFetchFailed);
-                        log::warn!("openai_wif: {e}");
+                        self.vm
+                            .log_warn("subject_fetch_failed", format_args!("{e}"));
                         // Also when only a periodic re-read failed: the identity backs off as a
                         // whole (a still-valid token stays in use), so the source is not asked
                         // again, for a re-read or a refresh, before the backoff ends.
@@ -344,20 +368,20 @@ impl Root {
                         match lifetime::plan(now, end, host::jitter()) {
                             Some(plan) => {
                                 self.vm.count(Counter::ExchangesOk);
-                                log::info!(
-                                    "openai_wif: access token issued for {}: valid {} s, refresh in {} s{}",
-                                    job.identity.short(),
-                                    (plan.expires_at_ms - now) / 1000,
-                                    (plan.refresh_at_ms - now) / 1000,
-                                    issued.scope.as_deref().map(|s| format!(", scope {s}")).unwrap_or_default(),
+                                if self.vm.logs.borrow_mut().allow("token_issued", now) {
+                                    log::info!(
+                                        "openai_wif: access token issued for {}: valid {} s, refresh in {} s{}",
+                                        job.identity.short(),
+                                        (plan.expires_at_ms - now) / 1000,
+                                        (plan.refresh_at_ms - now) / 1000,
+                                        issued.scope.as_deref().map(|s| format!(", scope {s}")).unwrap_or_default(),
+                                    );
+                                }
+                                let token = CachedToken::new(
+                                    issued.access_token,
+                                    plan.refresh_at_ms,
+                                    plan.expires_at_ms,
                                 );
-                                let token = CachedToken {
-                                    access_token: issued.access_token,
-                                    issued_at_ms: now,
-                                    refresh_at_ms: plan.refresh_at_ms,
-                                    expires_at_ms: plan.expires_at_ms,
-                                    scope: issued.scope,
-                                };
                                 self.succeed(job.identity, token);
                             }
                             None => {
@@ -372,9 +396,9 @@ impl Root {
                     }
                     Err(e) => {
                         self.vm.count(Counter::ExchangesFailed);
-                        log::warn!(
-                            "openai_wif: exchange for {} failed: {e}",
-                            job.identity.short()
+                        self.vm.log_warn(
+                            "exchange_failed",
+                            format_args!("exchange for {} failed: {e}", job.identity.short()),
                         );
                         self.fail(job.identity, e.failure(), e.retry_after_s());
                     }
@@ -384,41 +408,37 @@ impl Root {
     }
 
     fn succeed(&mut self, identity: IdentityKey, token: CachedToken) {
-        self.written.insert(identity.clone());
-        let written = cache::update(
-            &Shared,
-            &cache::token_key(&identity),
-            |_: Option<&Record>| Some(Record::succeeded(token.clone())),
-        );
+        let now = host::now_ms();
+        let written = self.table().update(&Shared, &identity, now, |prev| {
+            Some(Record::succeeded(prev, token.clone(), now))
+        });
         if let Err(e) = &written {
-            log::warn!("openai_wif: could not store the access token: {e}");
+            self.vm.log_warn(
+                "store_failed",
+                format_args!("could not store the access token: {e}"),
+            );
         }
         let _ = lease::release(&Shared, &identity, self.vm.owner);
         // Waiters here get the token even if the store failed: it was issued for them.
         let record = written
             .ok()
             .flatten()
-            .unwrap_or_else(|| Record::succeeded(token));
-        self.settle(&identity, Some(&record), host::now_ms());
+            .unwrap_or_else(|| Record::succeeded(None, token, now));
+        self.settle(&identity, Some(&record), now);
     }
 
     fn fail(&mut self, identity: IdentityKey, failure: Failure, retry_after_s: Option<u64>) {
-        self.written.insert(identity.clone());
         let now = host::now_ms();
         let jitter = host::jitter();
-        let written = cache::update(
-            &Shared,
-            &cache::token_key(&identity),
-            |prev: Option<&Record>| {
-                Some(Record::failed(
-                    prev,
-                    failure.clone(),
-                    now,
-                    retry_after_s,
-                    jitter,
-                ))
-            },
-        );
+        let written = self.table().update(&Shared, &identity, now, |prev| {
+            Some(Record::failed(
+                prev,
+                failure.clone(),
+                now,
+                retry_after_s,
+                jitter,
+            ))
+        });
         let _ = lease::release(&Shared, &identity, self.vm.owner);
         let record = match written {
             Ok(Some(r)) => r,
@@ -434,9 +454,9 @@ impl Root {
         };
         match lookup(record, now) {
             Lookup::Use { token, .. } => {
-                let fingerprint = token.fingerprint();
+                let fingerprint = token.fingerprint;
                 for w in waiting.waiters.drain(..) {
-                    match host::resume_with_token(w.context_id, &token, self.id) {
+                    match host::resume_with_token(w.context_id, &token.access_token, self.id) {
                         Ok(()) => {
                             self.vm
                                 .resumed
@@ -501,12 +521,13 @@ impl Root {
             .iter()
             .map(|(k, w)| (k.clone(), w.subject.clone()))
             .collect();
+        let table = self.table();
         for (identity, subject) in identities {
-            let record = cache::record(&Shared, &identity);
+            let record = table.record(&Shared, &identity);
             self.settle(&identity, record.as_ref(), now);
             if self.vm.waiting.borrow().contains_key(&identity) {
                 // Still waiting: start a fetch if nobody (alive) is running one.
-                self.start_if_needed(identity, subject);
+                self.start_if_needed(identity, subject, record.as_ref());
             }
         }
     }
@@ -521,20 +542,20 @@ impl Root {
             return;
         }
         let now = host::now_ms();
-        let record = cache::record(&Shared, &identity);
+        let record = self.table().record(&Shared, &identity);
         let backing_off = record
             .as_ref()
             .and_then(|r| r.failure.as_ref())
             .is_some_and(|f| now < f.retry_at_ms);
         match lookup(record.as_ref(), now) {
             Lookup::Miss | Lookup::Use { refresh: true, .. } => {
-                self.start_if_needed(identity, None)
+                self.start_if_needed(identity, None, record.as_ref())
             }
             Lookup::Backoff(_) => {}
             Lookup::Use { refresh: false, .. } if backing_off => {}
             Lookup::Use { refresh: false, .. } => {
                 let due =
-                    match cache::read::<SubjectRecord>(&Shared, &cache::subject_key(&identity)) {
+                    match shared::read::<SubjectRecord>(&Shared, &cache::subject_key(&identity)) {
                         Ok(Some((s, _))) => s.due(now),
                         _ => true,
                     };
@@ -550,37 +571,17 @@ impl Root {
         }
     }
 
-    /// Per-request identities come and go (a workload's token rotates, a pod leaves); their
-    /// records would stay in shared data for good. Records this VM wrote that are spent are
-    /// emptied, a batch per minute.
+    /// Per-request identities come and go (a workload's token rotates, a pod leaves). The
+    /// table bounds how many records there are; a pass a minute empties the spent ones among a
+    /// batch of slots, so the table holds what is alive rather than what once was.
     fn sweep(&mut self, now: u64) {
         if now < self.next_sweep_ms {
             return;
         }
         self.next_sweep_ms = now + SWEEP_EVERY_MS;
-        let batch: Vec<IdentityKey> = match self.sweep_cursor.take() {
-            Some(after) => self
-                .written
-                .range((Excluded(after), Unbounded))
-                .take(SWEEP_BATCH)
-                .cloned()
-                .collect(),
-            None => self.written.iter().take(SWEEP_BATCH).cloned().collect(),
-        };
-        if batch.len() == SWEEP_BATCH {
-            self.sweep_cursor = batch.last().cloned();
-        }
-        let mut cleared = 0;
-        for identity in batch {
-            match cache::clear_if_spent(&Shared, &cache::token_key(&identity), now) {
-                Ok(true) => {
-                    cleared += 1;
-                    self.written.remove(&identity);
-                }
-                Ok(false) => {}
-                Err(e) => log::debug!("openai_wif: sweep of {} failed: {e}", identity.short()),
-            }
-        }
+        let table = self.table();
+        let cleared = table.sweep(&Shared, self.sweep_cursor, SWEEP_BATCH, now);
+        self.sweep_cursor = (self.sweep_cursor + SWEEP_BATCH) % table.slots();
         if cleared > 0 {
             log::debug!("openai_wif: cleared {cleared} spent cache records");
         }
@@ -651,14 +652,7 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, size: usize) -> bool {
-        let bytes = match proxy_wasm::hostcalls::get_buffer(
-            BufferType::PluginConfiguration,
-            0,
-            size.min(MAX_CONFIGURATION_BYTES),
-        ) {
-            Ok(Some(b)) => b,
-            _ => Vec::new(),
-        };
+        let bytes = host::plugin_configuration(size, MAX_CONFIGURATION_BYTES);
         match self.configure(&bytes) {
             Ok(()) => {
                 // The first tick warms the gateway's token up. Not from here: Envoy also
@@ -676,7 +670,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        self.sweep(host::now_ms());
+        let now = host::now_ms();
+        self.vm.flush_logs(now);
+        self.sweep(now);
         self.poll_waiters();
         self.maintain_gateway();
         self.adjust_tick();
@@ -685,8 +681,10 @@ impl RootContext for Root {
     fn on_queue_ready(&mut self, queue_id: u32) {
         host::drain_queue(queue_id);
         let wants = std::mem::take(&mut *self.vm.wants.borrow_mut());
+        let table = self.table();
         for w in wants {
-            self.start_if_needed(w.identity, w.subject);
+            let record = table.record(&Shared, &w.identity);
+            self.start_if_needed(w.identity, w.subject, record.as_ref());
         }
         self.adjust_tick();
     }

@@ -4,17 +4,20 @@ use crate::jwt::{self, Claims, JwtError};
 use crate::reply::{Code, Failure};
 use crate::secret::Secret;
 
-/// Validates the header's value: present, not empty, not oversized, a three-part JWT, not
-/// expired at `now_s`. Every refusal is a 401 that says what was wrong.
-pub fn accept(
-    value: Option<String>,
-    header: &str,
-    now_s: u64,
-) -> Result<(Secret, Claims), Failure> {
+/// Validates the header's raw value: present, not empty, not oversized, text, a three-part JWT,
+/// not expired at `now_s`. Every refusal is a 401 that says what was wrong.
+pub fn accept(value: Option<&[u8]>, header: &str, now_s: u64) -> Result<(Secret, Claims), Failure> {
     let Some(value) = value else {
         return Err(Failure::new(
             Code::MissingSubjectToken,
             format!("the request has no subject token: send the workload's identity token in the {header} header"),
+        ));
+    };
+    // A JWT is ASCII; bytes that are not UTF-8 make it no JWT, not a reason to stop.
+    let Ok(value) = std::str::from_utf8(value) else {
+        return Err(Failure::new(
+            Code::InvalidSubjectToken,
+            format!("the subject token in {header} is not valid: it is not text"),
         ));
     };
     let value = value.trim();
@@ -47,7 +50,7 @@ mod tests {
     #[test]
     fn accepts_a_jwt() {
         let t = make(r#"{"exp":2000}"#);
-        let (s, c) = accept(Some(format!(" {t} ")), H, 1000).unwrap();
+        let (s, c) = accept(Some(format!(" {t} ").as_bytes()), H, 1000).unwrap();
         assert_eq!(s.expose(), t);
         assert_eq!(c.exp, Some(2000));
     }
@@ -62,18 +65,27 @@ mod tests {
             (Some(make(r#"{"exp":999}"#)), Code::SubjectTokenExpired),
         ];
         for (value, code) in cases {
-            let f = accept(value.clone(), H, 1000).unwrap_err();
+            let f = accept(value.as_deref().map(str::as_bytes), H, 1000).unwrap_err();
             assert_eq!(f.code, code, "{value:.30?}");
             assert!(f.message.contains(H));
         }
     }
 
     #[test]
+    fn bytes_that_are_not_text_are_an_invalid_token() {
+        let mut t = make(r#"{"exp":2000}"#).into_bytes();
+        t.splice(3..3, [0xff, 0xfe]);
+        let f = accept(Some(&t), H, 1000).unwrap_err();
+        assert_eq!(f.code, Code::InvalidSubjectToken);
+        assert!(f.message.contains("not text"));
+    }
+
+    #[test]
     fn refusals_never_echo_the_token() {
         let t = make(r#"{"exp":1}"#);
-        let f = accept(Some(t.clone()), H, 1000).unwrap_err();
+        let f = accept(Some(t.as_bytes()), H, 1000).unwrap_err();
         assert!(!f.message.contains(&t));
-        let f = accept(Some("secretgarbage".into()), H, 1000).unwrap_err();
+        let f = accept(Some(b"secretgarbage"), H, 1000).unwrap_err();
         assert!(!f.message.contains("secretgarbage"));
     }
 }

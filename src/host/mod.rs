@@ -1,0 +1,304 @@
+//! The one module that talks to Envoy.
+//!
+//! Everything else in the crate is plain Rust. The calls go through [`abi`], which declares the
+//! host's functions itself rather than using the SDK's `hostcalls` wrappers (those panic on
+//! unexpected statuses and on non-UTF-8 header values, and a panic traps the VM). Here host
+//! statuses become [`HostError`]s and header values stay bytes: no function in this module
+//! panics, whatever the host or a client sends. `tests::only_the_host_seam_calls_the_host`
+//! keeps it that way.
+
+pub mod abi;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use abi::HostError;
+use abi::{Buffer, Map};
+
+use crate::reply::LocalReply;
+use crate::secret::Secret;
+use crate::shared::{SharedStore, StoreError, Versioned};
+
+/// Wall-clock time in milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    match abi::now_ns() {
+        Ok(ns) => ns / 1_000_000,
+        Err(_) => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    }
+}
+
+/// Random bits from the host (WASI `random_get`); zero if it has none, which only removes jitter.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    match getrandom::fill(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 0,
+    }
+}
+
+pub fn jitter() -> u16 {
+    (random_u64() & 0xffff) as u16
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Envoy shared data.
+pub struct Shared;
+
+impl SharedStore for Shared {
+    fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        abi::shared_data(key).map_err(|e| StoreError::Host(e.0))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), StoreError> {
+        match abi::set_shared_data(key, value, cas.unwrap_or(0)) {
+            Ok(()) => Ok(()),
+            Err(HostError(abi::CAS_MISMATCH)) => Err(StoreError::CasMismatch),
+            Err(e) => Err(StoreError::Host(e.0)),
+        }
+    }
+}
+
+/// A request header's raw value; a header the host cannot give is absent.
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    abi::header(Map::RequestHeaders, name).ok().flatten()
+}
+
+pub fn set_request_header(name: &str, value: &[u8]) -> Result<(), HostError> {
+    abi::replace_header(Map::RequestHeaders, name, value)
+}
+
+pub fn remove_request_header(name: &str) -> Result<(), HostError> {
+    abi::remove_header(Map::RequestHeaders, name)
+}
+
+pub fn remove_request_trailer(name: &str) -> Result<(), HostError> {
+    abi::remove_header(Map::RequestTrailers, name)
+}
+
+/// A response header as text; one that is missing, unreadable or not UTF-8 is absent.
+pub fn response_header(name: &str) -> Option<String> {
+    text(abi::header(Map::ResponseHeaders, name).ok().flatten())
+}
+
+fn text(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.and_then(|b| String::from_utf8(b).ok())
+}
+
+/// Answers the current request locally.
+pub fn send_reply(reply: &LocalReply) -> Result<(), HostError> {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    abi::send_local_response(reply.status, &headers, &reply.body)
+}
+
+/// Runs `f` with `context_id` as the current context, then makes `root_id` current again.
+/// Fails (without running `f`) if the request is gone.
+fn on_context<T>(
+    context_id: u32,
+    root_id: u32,
+    f: impl FnOnce() -> Result<T, HostError>,
+) -> Result<T, HostError> {
+    let result = abi::set_effective_context(context_id).and_then(|()| f());
+    let _ = abi::set_effective_context(root_id);
+    result
+}
+
+/// `Authorization: Bearer <token>` on the current request.
+pub fn inject(token: &Secret) -> Result<(), HostError> {
+    let mut value = Vec::with_capacity(7 + token.expose().len());
+    value.extend_from_slice(b"Bearer ");
+    value.extend_from_slice(token.expose().as_bytes());
+    set_request_header("authorization", &value)
+}
+
+/// Resumes a request paused on another context with the token injected.
+pub fn resume_with_token(context_id: u32, token: &Secret, root_id: u32) -> Result<(), HostError> {
+    on_context(context_id, root_id, || {
+        inject(token)?;
+        abi::resume_request()
+    })
+}
+
+/// Answers a request paused on another context locally.
+pub fn reply_to(context_id: u32, reply: &LocalReply, root_id: u32) -> Result<(), HostError> {
+    on_context(context_id, root_id, || send_reply(reply))
+}
+
+pub fn dispatch_http(
+    cluster: &str,
+    headers: &[(&'static str, String)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<u32, HostError> {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    abi::http_call(cluster, &headers, body.unwrap_or_default(), timeout)
+}
+
+pub fn dispatch_grpc(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    metadata: &[(&'static str, Vec<u8>)],
+    message: &[u8],
+    timeout: Duration,
+) -> Result<u32, HostError> {
+    let metadata: Vec<(&str, &[u8])> = metadata.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    abi::grpc_call(cluster, service, method, &metadata, message, timeout)
+}
+
+/// The answer to an HTTP callout: `:status` (absent when the call failed), `retry-after`
+/// (absent when missing or not text), and up to `max_body` bytes of body.
+pub struct CallResponse {
+    pub status: Option<String>,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
+}
+
+pub fn http_call_response(body_size: usize, max_body: usize) -> CallResponse {
+    let header = |name: &str| text(abi::header(Map::CallResponseHeaders, name).ok().flatten());
+    CallResponse {
+        status: header(":status"),
+        retry_after: header("retry-after"),
+        body: read_buffer(Buffer::CallResponseBody, body_size, max_body),
+    }
+}
+
+pub fn grpc_response_message(size: usize, max: usize) -> Vec<u8> {
+    read_buffer(Buffer::GrpcReceive, size, max)
+}
+
+pub fn plugin_configuration(size: usize, max: usize) -> Vec<u8> {
+    read_buffer(Buffer::PluginConfiguration, size, max)
+}
+
+fn read_buffer(buffer: Buffer, size: usize, max: usize) -> Vec<u8> {
+    // One byte past the limit is read so oversized answers are recognised as such.
+    abi::buffer(buffer, size.min(max.saturating_add(1)))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+pub fn set_tick_period(period: Duration) {
+    let _ = abi::set_tick_period_ms(millis_u32(period));
+}
+
+pub fn register_queue(name: &str) -> Result<u32, HostError> {
+    abi::register_queue(name)
+}
+
+pub fn enqueue(queue_id: u32) -> Result<(), HostError> {
+    abi::enqueue(queue_id, b"1")
+}
+
+/// Empties a queue; its items carry no data, only the wake-up.
+pub fn drain_queue(queue_id: u32) {
+    while let Ok(Some(_)) = abi::dequeue(queue_id) {}
+}
+
+pub fn define_counter(name: &str) -> Option<u32> {
+    abi::define_counter(name).ok()
+}
+
+pub fn increment(metric_id: u32) {
+    let _ = abi::increment(metric_id, 1);
+}
+
+/// Sends the `log` crate's records to Envoy's log. A log call that the host refuses is dropped.
+struct HostLogger;
+
+impl log::Log for HostLogger {
+    fn enabled(&self, _metadata: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let level = match record.level() {
+            log::Level::Error => abi::Level::Error,
+            log::Level::Warn => abi::Level::Warn,
+            log::Level::Info => abi::Level::Info,
+            log::Level::Debug => abi::Level::Debug,
+            log::Level::Trace => abi::Level::Trace,
+        };
+        let message = record.args().to_string();
+        let _ = abi::log(level, &message);
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: HostLogger = HostLogger;
+
+/// Installs the logger (once per VM; Envoy filters by its own log level).
+pub fn install_logger() {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+}
+
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod tests {
+    /// The SDK's `hostcalls::*` and its `Context` helper methods panic on host statuses they do
+    /// not expect and on non-UTF-8 values. Only `host::abi` may call the host, so none of them
+    /// may appear anywhere else.
+    #[test]
+    fn only_the_host_seam_calls_the_host() {
+        let forbidden = [
+            "hostcalls::",
+            "proxy_wasm::types::Status",
+            ".get_http_request_header",
+            ".set_http_request_header",
+            ".get_http_response_header",
+            ".send_http_response",
+            ".dispatch_http_call",
+            ".dispatch_grpc_call",
+            ".get_shared_data",
+            ".set_shared_data",
+            ".get_property",
+            ".set_property",
+            ".get_http_call_response",
+            ".get_grpc_call_response",
+            ".resume_http_request",
+            ".set_tick_period",
+            ".get_current_time",
+            ".register_shared_queue",
+            ".enqueue_shared_queue",
+            ".dequeue_shared_queue",
+            "proxy_wasm::set_log_level",
+        ];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![root];
+        let mut offenders = Vec::new();
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                for entry in std::fs::read_dir(&path).unwrap() {
+                    files.push(entry.unwrap().path());
+                }
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") || path.ends_with("host/abi.rs") {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).unwrap();
+            // This test names the forbidden calls itself.
+            let source = source.split("mod tests {").next().unwrap_or_default();
+            for f in forbidden {
+                if source.contains(f) {
+                    offenders.push(format!("{}: {f}", path.display()));
+                }
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "host calls outside host::abi: {offenders:?}"
+        );
+    }
+}
