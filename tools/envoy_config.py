@@ -66,8 +66,12 @@ class Params:
     listen_port: int = 10000
     admin_address: str = "127.0.0.1"
     admin_port: int = 9901
-    # :authority values routed to OpenAI (and, by default, handled by the filter).
+    # :authority values routed to OpenAI.
     api_hosts: tuple = ("api.openai.com", "openai-egress.internal")
+    # Which requests the filter authorises by default: "all" (every request on a route where the
+    # filter is enabled: the route decides, so the filter cannot disagree with routing) or "hosts"
+    # (those whose :authority is in api_hosts; the tests' default, to exercise host matching).
+    filter_scope: str = "all"
     api_address: str = "api.openai.com"
     api_port: int = 443
     auth_address: str = "auth.openai.com"
@@ -106,6 +110,7 @@ PROFILE_DEFAULTS = {
         "admin_port": 0,
         "token_port": 0,
         "api_hosts": ("api.openai.com", "openai-egress.internal", "localhost", "127.0.0.1"),
+        "filter_scope": "hosts",
         "api_address": "127.0.0.1",
         "auth_address": "127.0.0.1",
         "upstream_tls": False,
@@ -156,8 +161,10 @@ def subject_token(source: str, **settings) -> dict:
 
 def filter_config(source: str, identity_provider_id: str = PLACEHOLDER_PROVIDER,
                   service_account_id: str = PLACEHOLDER_ACCOUNT, hosts=("api.openai.com",),
-                  subject: dict | None = None, token_endpoint: dict | None = None, **extra) -> dict:
-    """The filter's configuration (see the README): `subject` overrides fields of `subject_token`."""
+                  subject: dict | None = None, token_endpoint: dict | None = None, scope: str = "hosts",
+                  **extra) -> dict:
+    """The filter's configuration (see the README): `subject` overrides fields of `subject_token`.
+    scope "all" authorises every request the filter sees (no `hosts`); "hosts" lists `hosts`."""
     endpoint = {"cluster": AUTH_CLUSTER, "authority": "auth.openai.com", "path": "/oauth/token", "timeout_ms": 5000}
     endpoint.update(token_endpoint or {})
     config = {
@@ -166,8 +173,11 @@ def filter_config(source: str, identity_provider_id: str = PLACEHOLDER_PROVIDER,
         "subject_token": subject_token(source, **(subject or {})),
         "subject_token_type": "jwt",
         "token_endpoint": endpoint,
-        "hosts": list(hosts),
     }
+    if scope == "all":
+        config["scope"] = "all"
+    else:
+        config["hosts"] = list(hosts)
     config.update(extra)
     return config
 
@@ -332,15 +342,17 @@ def _error_json(message: str, code: str) -> str:
 def _wasm_filter(p: Params, config: dict, note) -> dict:
     return {
         note("""\
-            The openai-wif filter. Fail closed: if the module cannot be loaded or its VM dies, requests
-            are refused instead of reaching OpenAI without credentials. Its configuration is JSON
+            The openai-wif filter. FAIL_RELOAD: if its VM dies, requests are refused (never passed on
+            without credentials) while Envoy replaces the VM, instead of failing until a restart. With
+            "scope": "all" it gives a token to every request on a route where it is enabled, and it is
+            disabled on every other route, so it cannot disagree with routing. Its configuration is JSON
             (reference: README.md); replace the placeholder ids with your Workload Identity Provider
             (wip_...) and service account (sa_...)."""): None,
         "name": FILTER_NAME,
         "typed_config": _typed("envoy.extensions.filters.http.wasm.v3.Wasm", config={
             "name": "openai_wif",
             "root_id": "openai_wif",
-            "failure_policy": "FAIL_CLOSED",
+            "failure_policy": "FAIL_RELOAD",
             "vm_config": {
                 "vm_id": "openai_wif",
                 "runtime": "envoy.wasm.runtime.v8",
@@ -505,7 +517,8 @@ def _identity_cluster(name: str, p: Params, note) -> dict:
 def _bootstrap(profile: str, source: str, p: Params, notes: _Notes) -> dict:
     if source not in SOURCES:
         raise ValueError(f"unknown subject token source {source!r}; one of {SOURCES}")
-    config = p.filter_config if p.filter_config is not None else filter_config(source, hosts=p.api_hosts)
+    config = p.filter_config if p.filter_config is not None else filter_config(source, hosts=p.api_hosts,
+                                                                                  scope=p.filter_scope)
     wanted = p.identity_clusters if p.identity_clusters is not None else (
         (SOURCE_CLUSTER[source],) if source in SOURCE_CLUSTER else ())
     identity = [name for name in SOURCE_CLUSTER.values() if name in wanted]
