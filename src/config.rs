@@ -19,6 +19,9 @@ pub struct Config {
     pub token_endpoint: TokenEndpoint,
     /// Which requests get a token.
     pub scope: Scope,
+    /// When set, a request the filter authorises must be routed to one of these clusters
+    /// (Envoy's `xds.cluster_name`); a route that leads elsewhere gets no token.
+    pub upstream_clusters: Option<Vec<String>>,
     pub limits: Limits,
 }
 
@@ -75,6 +78,15 @@ impl Config {
             Ok(host) if hosts.contains(&host) => Handling::Authorise,
             Ok(_) => Handling::PassThrough,
             Err(e) => Handling::Refuse(e),
+        }
+    }
+
+    /// True when a token may go to `cluster` (the request's upstream cluster, `None` when it
+    /// has none): any cluster unless `upstream_clusters` is set.
+    pub fn may_send_to(&self, cluster: Option<&[u8]>) -> bool {
+        match &self.upstream_clusters {
+            None => true,
+            Some(allowed) => cluster.is_some_and(|c| allowed.iter().any(|a| a.as_bytes() == c)),
         }
     }
 
@@ -233,6 +245,8 @@ struct RawConfig {
     scope: Option<String>,
     #[serde(default)]
     limits: Option<RawLimits>,
+    #[serde(default)]
+    upstream_clusters: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -377,6 +391,20 @@ impl TryFrom<RawConfig> for Config {
             }
         };
         let limits = limits(raw.limits.unwrap_or_default())?;
+        let upstream_clusters = match raw.upstream_clusters {
+            None => None,
+            Some(list) if list.is_empty() => {
+                return Err(invalid(
+                    "upstream_clusters",
+                    "must list at least one cluster, or be left out".into(),
+                ))
+            }
+            Some(list) => Some(
+                list.into_iter()
+                    .map(|c| cluster("upstream_clusters", c))
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
         Ok(Config {
             identity_provider_id,
             service_account_id,
@@ -384,6 +412,7 @@ impl TryFrom<RawConfig> for Config {
             subject_token_type,
             token_endpoint,
             scope,
+            upstream_clusters,
             limits,
         })
     }
@@ -796,6 +825,18 @@ mod tests {
         for a in [None, Some(&b"api.openai.com:443:443"[..]), Some(b"\xff")] {
             assert_eq!(c.handling(a), Handling::Authorise);
         }
+    }
+
+    #[test]
+    fn upstream_clusters_restrict_where_tokens_go() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(c.may_send_to(None) && c.may_send_to(Some(b"anything")));
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"upstream_clusters":["outbound|443||api.openai.com"]}"#).unwrap();
+        assert!(c.may_send_to(Some(b"outbound|443||api.openai.com")));
+        assert!(!c.may_send_to(Some(b"outbound|443||evil.example")));
+        assert!(!c.may_send_to(None), "no route, no token");
+        let e = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"upstream_clusters":[]}"#).unwrap_err();
+        assert!(e.to_string().contains("upstream_clusters"));
     }
 
     #[test]

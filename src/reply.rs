@@ -19,6 +19,7 @@ pub enum Code {
     SubjectSourceUnavailable,
     TokenWaitTimeout,
     TooManyNewIdentities,
+    UpstreamNotAllowed,
     InternalError,
 }
 
@@ -34,6 +35,7 @@ impl Code {
             Code::SubjectSourceUnavailable => "subject_source_unavailable",
             Code::TokenWaitTimeout => "token_wait_timeout",
             Code::TooManyNewIdentities => "too_many_new_identities",
+            Code::UpstreamNotAllowed => "upstream_not_allowed",
             Code::InternalError => "internal_error",
         }
     }
@@ -45,6 +47,7 @@ impl Code {
                 401
             }
             Code::TooManyNewIdentities => 429,
+            Code::UpstreamNotAllowed => 403,
             Code::TokenExchangeFailed => 502,
             Code::TokenEndpointUnavailable
             | Code::SubjectSourceUnavailable
@@ -55,7 +58,7 @@ impl Code {
 
     fn error_type(self) -> &'static str {
         match self.status() {
-            400 | 401 => "invalid_request_error",
+            400 | 401 | 403 => "invalid_request_error",
             429 => "rate_limit_error",
             _ => "server_error",
         }

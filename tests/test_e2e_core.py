@@ -333,6 +333,21 @@ def test_missing_token_endpoint_cluster_fails_closed(make_stack, standins):
     assert standins.openai.api_requests == []
 
 
+@pytest.mark.parametrize("allowed,status", [(["openai_api"], 200), (["openai_auth", "other"], 403)])
+def test_tokens_go_only_to_the_configured_upstream_clusters(gateway_for, standins, allowed, status):
+    stack = gateway_for("header", filter_settings={"upstream_clusters": allowed})
+    _, token = subject(standins)
+    r = call(stack, token, headers={"Authorization": "Bearer sk-caller-key"})
+    assert r.status == status, r.text
+    if status == 403:
+        err = error_of(r)
+        assert err["code"] == "upstream_not_allowed"
+        assert "openai_api" in err["message"]
+        assert standins.openai.api_requests == [] and standins.openai.exchanges == 0
+    else:
+        assert standins.openai.api_requests[-1][1].startswith("Bearer oaiwif_")
+
+
 # Invalidation
 
 

@@ -689,3 +689,17 @@ def test_conversion_errors_read_like_cel_go():
         cel("self.all(k, 0 < int(k) && int(k) < 10)", {"acd": 1})
     with pytest.raises(celpy.CELEvalError, match="to 'google.protobuf.Duration'"):
         cel("duration(self) > duration('1ms')", "apple")
+
+
+def test_plugins_send_tokens_only_to_their_routes_clusters(manifests):
+    findings = [f for f in iv.cross_check(manifests, template=True) if f"[{iv.RULE_UPSTREAM}]" in f.message
+                or iv.RULE_UPSTREAM in f.message]
+    assert findings and all(f.ok for f in findings), findings
+    lines = refused(edited(manifests, is_plugin("header/"),
+                           lambda o: o["spec"]["pluginConfig"].pop("upstream_clusters")),
+                    iv.RULE_UPSTREAM, "istio/header/wasmplugin.yaml")
+    assert "upstream_clusters is missing" in lines[0] and "outbound|443||api.openai.com" in lines[0]
+    lines = refused(edited(manifests, is_plugin("sidecar-header/"),
+                           lambda o: o["spec"]["pluginConfig"].update(upstream_clusters=["outbound|443||api.openai.com"])),
+                    iv.RULE_UPSTREAM, "istio/sidecar-header/wasmplugin.yaml")
+    assert "istio-egressgateway.istio-system.svc.cluster.local" in lines[0]

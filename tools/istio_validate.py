@@ -944,6 +944,7 @@ RULE_SELECTOR = "root-selector-labels"
 RULE_PINNED = "image-pinned"
 RULE_SIDECAR_TOKEN = "sidecar-token-via-gateway"
 RULE_TLS_EXPORT = "tls-origination-export"
+RULE_UPSTREAM = "upstream-clusters"
 
 # What `make pin` / `python -m tools.oci_image --pin` rewrites: the committed placeholders.
 PLACEHOLDER_DIGEST = "0" * 64
@@ -1265,6 +1266,49 @@ def check_tls_origination_export(m: Manifests) -> list[Finding]:
     return findings
 
 
+def _route_clusters(m: Manifests, hosts: list, gateway_leg: bool) -> set[str]:
+    """The clusters Istio builds for the routes of `hosts`: on the egress gateway (a route bound
+    to a Gateway) or in sidecars (a `mesh` route). A destination is outbound|<port>|<subset>|<host>."""
+    clusters = set()
+    for vs in m.kind("VirtualService"):
+        if not set(hosts) & set(vs.spec.get("hosts") or []):
+            continue
+        bound = vs.spec.get("gateways") or ["mesh"]
+        for route in vs.spec.get("http") or []:
+            matched = [g for match in route.get("match") or [] for g in match.get("gateways") or []]
+            names = matched or bound
+            if gateway_leg != any(g != "mesh" for g in names):
+                continue
+            for dest in route.get("route") or []:
+                d = dest.get("destination") or {}
+                port = (d.get("port") or {}).get("number", 80)
+                clusters.add(f"outbound|{port}|{d.get('subset', '')}|{d.get('host')}")
+    return clusters
+
+
+def check_upstream_clusters(m: Manifests) -> list[Finding]:
+    """Every WasmPlugin names the clusters its hosts' routes lead to in upstream_clusters, and only
+    those: the filter then refuses to put a token on a request routed anywhere else (a route that a
+    VirtualService from another namespace merged into the same virtual host, say)."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        config = plugin.spec.get("pluginConfig") or {}
+        listed = config.get("upstream_clusters")
+        expected = _route_clusters(m, config.get("hosts") or [], _is_gateway_plugin(m, plugin))
+        problems = []
+        if not listed:
+            problems.append("pluginConfig.upstream_clusters is missing: tokens would go to whatever cluster a "
+                            f"route names; list the routes' clusters {sorted(expected)}")
+        else:
+            stray = sorted(set(listed) - expected)
+            if stray:
+                problems.append(f"upstream_clusters {stray} are not where the routes of "
+                                f"{config.get('hosts')} lead ({sorted(expected) or 'no route found'})")
+        findings.append(_rule(RULE_UPSTREAM, not problems, plugin.ref, "; ".join(problems) or
+                              f"tokens only to {sorted(listed or [])}"))
+    return findings
+
+
 def check_gateway_references(m: Manifests) -> list[Finding]:
     findings = []
     gateways = {(g.namespace, g.name) for g in m.kind("Gateway")}
@@ -1315,7 +1359,8 @@ def cross_check(docs: list[Document], template: bool = False) -> list[Finding]:
     return (check_namespaces(m) + check_plugin_config(m) + check_plugin_clusters(m)
             + check_gateway_references(m) + check_selectors(m)
             + check_phase(m) + check_fail_strategy(m) + check_gateway_plugin_match(m) + check_gateway_hosts(m)
-            + check_root_selectors(m) + check_image_pinned(m, template) + check_tls_origination_export(m))
+            + check_root_selectors(m) + check_image_pinned(m, template) + check_tls_origination_export(m)
+            + check_upstream_clusters(m))
 
 
 # --- Envoy's view of the EnvoyFilter patches -----------------------------------------------------

@@ -237,7 +237,27 @@ impl HttpContext for Http {
             return self.deny(&internal("openai-wif has no valid configuration"), None);
         };
         let action = match config.handling(host::request_header(":authority").as_deref()) {
-            Handling::Authorise => self.authorise(&config),
+            Handling::Authorise => {
+                let cluster = config
+                    .upstream_clusters
+                    .is_some()
+                    .then(|| host::property(&["xds", "cluster_name"]))
+                    .flatten();
+                if !config.may_send_to(cluster.as_deref()) {
+                    let failure = Failure::new(
+                        Code::UpstreamNotAllowed,
+                        format!(
+                            "this request is routed to {}, not to a cluster that may receive OpenAI tokens",
+                            cluster.map_or("no cluster".into(), |c| format!(
+                                "cluster {:?}",
+                                String::from_utf8_lossy(&c)
+                            ))
+                        ),
+                    );
+                    return self.deny(&failure, None);
+                }
+                self.authorise(&config)
+            }
             Handling::PassThrough => {
                 self.state = State::Passed;
                 Action::Continue

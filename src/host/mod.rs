@@ -80,6 +80,11 @@ pub fn remove_request_trailer(name: &str) -> Result<(), HostError> {
     abi::remove_header(Map::RequestTrailers, name)
 }
 
+/// A property of the current request or connection (e.g. `["xds", "cluster_name"]`), raw.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    abi::property(path).ok().flatten()
+}
+
 /// A response header as text; one that is missing, unreadable or not UTF-8 is absent.
 pub fn response_header(name: &str) -> Option<String> {
     text(abi::header(Map::ResponseHeaders, name).ok().flatten())
