@@ -7,7 +7,9 @@
 //! belongs to, so a slot is never read as another identity's. When all of an identity's slots
 //! are taken, the least valuable record there is replaced: a spent one first, then one that only
 //! remembers a failure, then the one written longest ago (tokens in use are refreshed, and so
-//! rewritten, while they are used: the oldest write is the least recently used identity).
+//! rewritten, while they are used: the oldest write is the least recently used identity). A
+//! record that only remembers a failure never replaces a live token: a flood of forged tokens
+//! cannot push out callers that have one.
 //!
 //! A record holds the current access token (if any) with its deadlines, and the last failure (if
 //! any) with its backoff. [`lookup`] turns a record into the one decision a request needs. A
@@ -26,6 +28,9 @@ use crate::shared::{self, SharedStore, StoreError, CAS_ATTEMPTS, KEY_PREFIX};
 
 /// How many slots an identity may occupy: the candidates searched on a lookup.
 pub const WAYS: u32 = 4;
+
+/// The eviction class of a record with a token still in use (see `Record::value`).
+const LIVE_TOKEN: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedToken {
@@ -189,7 +194,7 @@ impl Record {
         {
             (1, self.written_at_ms)
         } else {
-            (2, self.written_at_ms)
+            (LIVE_TOKEN, self.written_at_ms)
         }
     }
 }
@@ -280,16 +285,21 @@ impl Table {
                     victim = Some((slot, cas, value));
                 }
             }
-            let (slot, cas, current) = match own {
-                Some((slot, cas, record)) => (slot, cas, Some(record)),
+            let (slot, cas, current, evicts_a_token) = match own {
+                Some((slot, cas, record)) => (slot, cas, Some(record), false),
                 None => match victim {
-                    Some((slot, cas, _)) => (slot, cas, None),
+                    Some((slot, cas, (class, _))) => (slot, cas, None, class == LIVE_TOKEN),
                     None => return Ok(None),
                 },
             };
             let Some(mut next) = change(current.as_ref()) else {
                 return Ok(None);
             };
+            // A record that only remembers a failure (a forged token, say) never pushes out
+            // another identity's live token: it is not stored, and the identity stays unknown.
+            if evicts_a_token && next.token.is_none() {
+                return Ok(None);
+            }
             next.identity = identity.as_str().to_string();
             let bytes = serde_json::to_vec(&next).map_err(|_| StoreError::Encoding)?;
             match store.set(&Self::slot_key(slot), &bytes, cas) {
@@ -514,38 +524,50 @@ mod tests {
                 })
                 .unwrap();
         }
-        // A failure-only record (a forged token) is evicted before live tokens...
+        // A failure-only record (a forged token) never pushes out a live token...
         let forged = id(100);
-        table
+        let written = table
             .update(&s, &forged, NOW + 10, |_| {
                 Some(Record::failed(None, failure(), NOW + 10, None, 0))
+            })
+            .unwrap();
+        assert_eq!(written, None);
+        assert!(table.record(&s, &forged).is_none());
+        for n in 0..4 {
+            assert!(table.record(&s, &id(n)).is_some(), "live tokens stay");
+        }
+        // ...but a new token replaces the one written longest ago (least recently used).
+        let fresh = id(101);
+        table
+            .update(&s, &fresh, NOW + 11, |_| {
+                Some(Record::succeeded(None, token(100_000, 200_000), NOW + 11))
             })
             .unwrap();
         assert!(
             table.record(&s, &id(0)).is_none(),
             "the oldest live token made room"
         );
-        for n in 1..4 {
-            assert!(table.record(&s, &id(n)).is_some());
-        }
-        let next = id(101);
+        assert!(table.record(&s, &fresh).is_some());
+        // Once tokens have expired, a failure-only record may take their slots, oldest first.
+        let later = NOW + 200_000;
+        let failed = id(102);
         table
-            .update(&s, &next, NOW + 11, |_| {
-                Some(Record::failed(None, failure(), NOW + 11, None, 0))
+            .update(&s, &failed, later, |_| {
+                Some(Record::failed(None, failure(), later, None, 0))
             })
             .unwrap();
+        assert!(table.record(&s, &failed).is_some());
         assert!(
-            table.record(&s, &forged).is_none(),
-            "failure-only goes first"
+            table.record(&s, &id(1)).is_none(),
+            "the oldest expired token made room"
         );
-        for n in 1..4 {
-            assert!(table.record(&s, &id(n)).is_some(), "live tokens stay");
-        }
+        assert!(table.record(&s, &fresh).is_some(), "a live token stays");
         // A flood of new identities never grows the store beyond the table.
         for n in 1_000..3_000 {
+            let at = later + n;
             table
-                .update(&s, &id(n), NOW + n, |_| {
-                    Some(Record::failed(None, failure(), NOW + n, None, 0))
+                .update(&s, &id(n), at, |_| {
+                    Some(Record::succeeded(None, token(200_000 + n, 300_000 + n), at))
                 })
                 .unwrap();
         }
@@ -574,9 +596,9 @@ mod tests {
             })
             .unwrap();
         assert_eq!(calls, 2, "the lost write was decided again on what b wrote");
-        // b's live token is worth more than a's failure, but a still replaced it: the table
-        // has one slot. What matters is that the decision saw b's record.
-        assert_eq!(table.find(&s, &a).unwrap().slot, 0);
+        // Decided again, a's failure does not replace b's live token.
+        assert!(table.find(&s, &a).is_none());
+        assert!(table.find(&s, &b).is_some());
     }
 
     #[test]
