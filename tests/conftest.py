@@ -2,11 +2,9 @@
 
 - `standins` (session): every stand-in, shared; faults, counters and logs are reset after each test.
 - `module_path` (session): the built filter; fails (does not skip) with "run `make build`" if missing.
-- `header_gateway`, `kubernetes_gateway`, `gcp_gateway`, `azure_gateway`, `spiffe_gateway` (module):
-  a `Stack` for that subject-token source with the default filter configuration. The gateway's token
-  cache lives as long as the test module: use distinct subjects per test, or `make_stack`.
 - `gateway_for` (module): `gateway_for(source, **stack_kwargs)`, one Stack per distinct arguments
-  per test module (for shared non-default configurations).
+  per test module. The gateway's token cache lives as long as the test module: use distinct
+  subjects per test, or `make_stack`.
 - `make_stack` (function): `make_stack(source, **stack_kwargs)`, a fresh Stack (cold cache) stopped
   after the test.
 Stack arguments: see tests/harness/stack.py (filter_config, filter_settings, log_level, overrides of
@@ -89,28 +87,3 @@ def make_stack(tmp_path, standins, module_path):
     yield make
     for stack in stacks:
         stack.stop()
-
-
-@pytest.fixture(scope="module")
-def header_gateway(gateway_for):
-    return gateway_for("header")
-
-
-@pytest.fixture(scope="module")
-def kubernetes_gateway(gateway_for):
-    return gateway_for("kubernetes")
-
-
-@pytest.fixture(scope="module")
-def gcp_gateway(gateway_for):
-    return gateway_for("gcp_metadata")
-
-
-@pytest.fixture(scope="module")
-def azure_gateway(gateway_for):
-    return gateway_for("azure_imds")
-
-
-@pytest.fixture(scope="module")
-def spiffe_gateway(gateway_for):
-    return gateway_for("spiffe")

@@ -117,6 +117,9 @@ class OpenAIStandin(HttpStandin):
         self.retry_after = None  # seconds, sent as Retry-After with the "429" fault
         self.slow_seconds = 10.0
         self.expires_in_override = None
+        # OpenAI never issues a token that outlives its subject; False answers expires_in as is,
+        # to show that the gateway caps it by itself.
+        self.cap_to_subject = True
         self.api_force_401 = False
         self.token_headers: list = []  # (name, value) added to every token-endpoint answer
         self.answer_early = False
@@ -246,7 +249,7 @@ class OpenAIStandin(HttpStandin):
             return Reply.json(500, GENERIC_500)
 
         cap = self.expires_in_override if self.expires_in_override is not None else self.default_expires_in
-        expires_in = int(min(cap, remaining))
+        expires_in = int(min(cap, remaining) if self.cap_to_subject else cap)
         token = "oaiwif_" + secrets.token_urlsafe(32)
         response = {"access_token": token, "issued_token_type": ISSUED_TOKEN_TYPE,
                     "token_type": "Bearer", "expires_in": expires_in}
