@@ -107,14 +107,58 @@ def identities(c) -> str:
     else:
         verdict = (f"{c.subject.label} run at {ratio:.2f}× the requests/s of {c.reference.label} (CPU per "
                    f"request ×{cpu:.2f}), more than the run-to-run noise (±{noise * 100:.0f} %)")
-    return (f"- **Many identities.** {verdict}. A warm request reads one shared-data key named by its identity "
-            f"whatever the number of identities cached. (Both variants build every request in Lua, so their "
-            f"requests/s are not comparable with those of scenario 1.)")
+    return (f"- **Many identities.** {verdict}. A warm request reads the few slots of the cache table its "
+            f"identity may live in (found from a hash of its token), whatever the number of identities cached. "
+            f"(Both variants build every request in Lua, so their requests/s are not comparable with those of "
+            f"scenario 1.)")
+
+
+def memory(m) -> str:
+    from .scenarios import BYTES_PER_IDENTITY_TARGET, MEMORY_GROWTH_LIMIT
+
+    grown, fraction = m.growth()
+    filling = m.samples[2].allocated - m.first.allocated if len(m.samples) > 2 else 0
+    full = m.samples[2] if len(m.samples) > 2 else m.last
+    after_full = m.last.allocated - full.allocated
+    per_more = after_full / (m.last.identities - full.identities) if m.last.identities > full.identities else 0.0
+    bounded = fraction <= MEMORY_GROWTH_LIMIT
+    lines = [
+        f"- **Memory is bounded by `max_identities`.** {m.last.identities:,} distinct identities, "
+        f"{m.last.identities // m.table} times the table, left `server.memory_allocated` "
+        f"{grown:+,} bytes ({fraction * 100:+.1f} %) away from where {m.first.identities:,} had left it"
+        + (", within the benchmark's limit of " if bounded else ", beyond the limit of ")
+        + f"{MEMORY_GROWTH_LIMIT * 100:.0f} %. "
+        + (f"Most of that ({filling:+,} bytes) came before {full.identities:,}, while the table's last free slots "
+           f"filled; from {full.identities:,} to {m.last.identities:,} it moved by {after_full:+,} bytes "
+           f"({per_more:+.1f} bytes per additional identity): each new identity replaces an old record instead "
+           f"of adding one."
+           if abs(after_full) < abs(filling) else
+           f"From {full.identities:,} to {m.last.identities:,} it moved by {after_full:+,} bytes "
+           f"({per_more:+.1f} bytes per additional identity)."),
+        f"- **Cost of an identity.** About {m.bytes_per_identity:,.0f} bytes per identity "
+        f"({m.bytes_per_record:,.0f} bytes per record of a full table), "
+        + (f"well under the {BYTES_PER_IDENTITY_TARGET / 1024:g} KiB target"
+           if m.bytes_per_record <= BYTES_PER_IDENTITY_TARGET else
+           f"over the {BYTES_PER_IDENTITY_TARGET / 1024:g} KiB target")
+        + f": a full table of {m.table:,} costs about {m.bytes_per_record * m.table / 2**20:.1f} MiB of Envoy's "
+        f"heap, so `max_identities` sizes the cache's memory directly (≈ {m.bytes_per_record / 1024:.2f} KiB × "
+        f"`max_identities`). A record is one shared-data value (the identity's hash, the access token, its "
+        f"fingerprint and deadlines) under a fixed slot key.",
+        f"- **Still serving.** The last {m.replayed:,} identities sent, sent again, got {m.replay_hits:,} cache hits: "
+        f"the table keeps the identities written last; those it replaced get a new exchange on their next "
+        f"request (the budget for new identities applies to them again).",
+    ]
+    return "\n".join(lines)
 
 
 def text(results) -> str:
-    return "\n".join([
-        warm_paths(results.warm_header, results.warm_gateway, results.one_connection),
-        cold(results.cold),
-        identities(results.identities),
-    ])
+    parts = []
+    if results.warm_header is not None and results.warm_gateway is not None and results.one_connection is not None:
+        parts.append(warm_paths(results.warm_header, results.warm_gateway, results.one_connection))
+    if results.cold is not None:
+        parts.append(cold(results.cold))
+    if results.identities is not None:
+        parts.append(identities(results.identities))
+    if results.memory is not None:
+        parts.append(memory(results.memory))
+    return "\n".join(parts)

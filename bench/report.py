@@ -5,7 +5,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from .scenarios import ColdBurst, Comparison
+from . import scenarios
+from .scenarios import ColdBurst, Comparison, MemoryRun
 
 ROWS = (  # metric, label, digits
     ("rps", "requests/s", 0),
@@ -23,6 +24,7 @@ class Results:
     warm_gateway: Comparison | None = None
     cold: ColdBurst | None = None
     identities: Comparison | None = None
+    memory: MemoryRun | None = None
 
 
 def _number(value: float, digits: int) -> str:
@@ -73,27 +75,83 @@ def cold_table(c: ColdBurst) -> str:
     ])
 
 
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def _met(value: float, target: float) -> str:
+    return "met" if value <= target else "**not met**"
+
+
+def memory_table(m: MemoryRun) -> str:
+    lines = [
+        "| new identities | `server.memory_allocated` (bytes) | since the baseline (bytes) | "
+        "`server.memory_heap_size` (MiB) | RSS (MiB) | new identities/s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sample in m.samples:
+        first = sample is m.baseline
+        label = f"0 (baseline, after {m.warmup} warm-up identities)" if first else f"{sample.identities:,}"
+        since = "—" if first else f"{sample.allocated - m.baseline.allocated:+,}"
+        rate = "—" if first else f"{sample.rate:,.0f}"
+        lines.append(f"| {label} | {sample.allocated:,} | {since} | {_mib(sample.heap)} | {_mib(sample.rss)} | {rate} |")
+    grown, fraction = m.growth()
+    rss_grown, rss_fraction = m.growth("rss")
+    readings = "; ".join(f"{s.identities:,}: " + ", ".join(f"{v:,}" for v in s.readings) for s in m.samples)
+    table = f"{m.table:,}" + (" (the default)" if m.default_table else "")
+    return "\n".join(lines) + "\n\n" + "\n".join([
+        f"- **Bytes per identity**: ({m.first.allocated:,} − {m.baseline.allocated:,}) / {m.first.identities:,} = "
+        f"**{m.bytes_per_identity:,.0f} bytes** (target ≤ {scenarios.BYTES_PER_IDENTITY_TARGET / 1024:g} KiB: "
+        f"{_met(m.bytes_per_identity, scenarios.BYTES_PER_IDENTITY_TARGET)}). `max_identities` is {table}.",
+        f"- **Per record, once the table is full**: ({m.last.allocated:,} − {m.baseline.allocated:,}) / "
+        f"({m.table:,} − {m.warmup}) = {m.bytes_per_record:,.0f} bytes. After {m.first.identities:,} new identities "
+        f"the table is not yet full: an identity may take any of {m.ways} slots from its home slot (a hash of its "
+        f"token), and when all {m.ways} are taken it replaces the oldest record there, so some of the first "
+        f"{m.first.identities:,} replaced others while slots elsewhere were still free. After "
+        f"{m.last.identities:,}, every slot holds a record (each is the home slot of "
+        f"~{m.last.identities / m.table:.0f} of the identities sent), {m.warmup} of which the baseline held.",
+        f"- **Flat**: from {m.first.identities:,} to {m.last.identities:,} new identities, "
+        f"`server.memory_allocated` grew by **{grown:+,} bytes ({fraction * 100:+.1f} %)** and the RSS by "
+        f"{rss_grown / 2**20:+.1f} MiB ({rss_fraction * 100:+.1f} %). The benchmark fails if either grows by more "
+        f"than {scenarios.MEMORY_GROWTH_LIMIT * 100:.0f} %.",
+        f"- Every request was answered 200, and each new identity cost exactly one token exchange at the "
+        f"stand-in and one `cache_miss` in the filter, none refused (`new_identities_refused` 0): "
+        f"{m.exchanges:,} exchanges in all, warm-up and replay included.",
+        f"- **Still a cache**: the last {m.replayed:,} identities sent, sent again after the last reading: "
+        f"{m.replay_hits:,} answered from the cache, {m.replay_exchanges:,} exchanged again.",
+        f"- **Filter module**: {m.module_bytes:,} bytes ({m.module_bytes / 1024:,.0f} KiB; target ≤ "
+        f"{scenarios.MODULE_BYTES_TARGET / 1000:g} KB: {_met(m.module_bytes, scenarios.MODULE_BYTES_TARGET)}).",
+        f"- Wall time {m.wall_s:.0f} s, Envoy's start included; {m.flood_s:.0f} s sending the new identities, "
+        f"of which the client spent {m.mint_s:.0f} s minting their subject tokens.",
+        f"- Each `server.memory_allocated` reading, by new identities: {readings}.",
+    ])
+
+
 def _command(args) -> str:
-    defaults = dict(reps=3, duration=10.0, warmup=2.0, connections=16, burst=200, bursts=10, identities=100)
-    changed = [f"--{k} {getattr(args, k):g}" for k, v in defaults.items() if getattr(args, k) != v]
+    defaults = dict(reps=3, duration=10.0, warmup=2.0, connections=16, burst=200, bursts=10, identities=100,
+                    memory_table=scenarios.DEFAULT_MAX_IDENTITIES)
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k):g}" for k, v in defaults.items() if getattr(args, k) != v]
+    changed += [f"--only {name}" for name in (args.only or [])]
     return "python -m bench.run" + (" " + " ".join(changed) if changed else "")
 
 
 def render(results: Results, host, args, elapsed_s: float) -> str:
     from . import reading  # the interpretation lives apart from the tables
 
-    h, one, gw, cold, ids = (results.warm_header, results.one_connection, results.warm_gateway, results.cold,
-                             results.identities)
+    h, one, gw, cold, ids, mem = (results.warm_header, results.one_connection, results.warm_gateway, results.cold,
+                                  results.identities, results.memory)
     out = [
         "# Benchmarks",
         "",
         "The filter's cost, measured as ratios against the same Envoy gateway without the filter, run side "
-        "by side on the same machine in the same run. Generated by `bench/` — do not edit by hand.",
+        "by side on the same machine in the same run, and the gateway's memory as distinct identities pile up. "
+        "Generated by `bench/` — do not edit by hand.",
         "",
         "```",
         "make bench                # builds the filter, then: .venv/bin/python -m bench.run",
         "python -m bench.run       # the same, with the module already built; rewrites BENCHMARKS.md",
         "python -m bench.run --quick   # a short smoke run that prints the report instead",
+        "python -m bench.run --only memory   # one scenario (repeatable); prints its section instead",
         "```",
         "",
         f"This report: `{_command(args)}`, {elapsed_s / 60:.1f} minutes, {host.date}.",
@@ -130,44 +188,60 @@ def render(results: Results, host, args, elapsed_s: float) -> str:
         "status ≥ 400, and the upstream's own counters show at least as many 2xx answers and no other status. "
         "With the filter, it must also have stayed on its warm path: its `cache_hit` counter grew by at least "
         "the number of requests, `cache_miss` and `requests_denied` did not move, and the token endpoint saw no "
-        "exchange. Otherwise `bench.run` prints INVALID, exits 1 and leaves this file as it was.",
+        "exchange. In the memory scenario, every request must be answered 200 and each new identity must cost "
+        "exactly one exchange, and memory must not grow by more than "
+        f"{scenarios.MEMORY_GROWTH_LIMIT * 100:.0f} % from the first reading to the last. Otherwise `bench.run` "
+        "prints INVALID, exits 1 and leaves this file as it was.",
         "",
         "## Results",
         "",
-        f"### 1. {h.title}",
-        "",
-        h.about,
-        "",
-        comparison_table(h),
-        "",
-        f"With one connection (`-c1`, {one.duration_s:g} s runs after {one.warmup_s:g} s of warm-up):",
-        "",
-        comparison_table(one),
-        "",
-        f"### 2. {gw.title}",
-        "",
-        gw.about,
-        "",
-        comparison_table(gw),
-        "",
-        "### 3. Cold single flight",
-        "",
-        f"{cold.n} requests for one identity the gateway has never seen, sent at once (header source; each "
-        f"burst uses a new subject token, so a new identity), then the same {cold.n} requests again once its "
-        f"token is cached. The client is Python, in its own process: it opens {cold.n} connections first, "
-        f"writes the {cold.n} requests in one loop (median {statistics.median(cold.sent_s) * 1000:.1f} ms from "
-        f"the first to the last), then reads the answers on one thread with `selectors`; the time runs from "
-        f"the first request written to the last response read. (A thread per request spread the burst over "
-        f"~50 ms, so most requests arrived after the exchange had finished.)",
-        "",
-        cold_table(cold),
-        "",
-        f"### 4. {ids.title}",
-        "",
-        ids.about,
-        "",
-        comparison_table(ids),
-        "",
+    ]
+    if h is not None:
+        out += [f"### 1. {h.title}", "", h.about, "", comparison_table(h), ""]
+    if one is not None:
+        out += [f"With one connection (`-c1`, {one.duration_s:g} s runs after {one.warmup_s:g} s of warm-up):", "",
+                comparison_table(one), ""]
+    if gw is not None:
+        out += [f"### 2. {gw.title}", "", gw.about, "", comparison_table(gw), ""]
+    if cold is not None:
+        out += [
+            "### 3. Cold single flight",
+            "",
+            f"{cold.n} requests for one identity the gateway has never seen, sent at once (header source; each "
+            f"burst uses a new subject token, so a new identity), then the same {cold.n} requests again once its "
+            f"token is cached. The client is Python, in its own process: it opens {cold.n} connections first, "
+            f"writes the {cold.n} requests in one loop (median {statistics.median(cold.sent_s) * 1000:.1f} ms from "
+            f"the first to the last), then reads the answers on one thread with `selectors`; the time runs from "
+            f"the first request written to the last response read. (A thread per request spread the burst over "
+            f"~50 ms, so most requests arrived after the exchange had finished.)",
+            "",
+            cold_table(cold),
+            "",
+        ]
+    if ids is not None:
+        out += [f"### 4. {ids.title}", "", ids.about, "", comparison_table(ids), ""]
+    if mem is not None:
+        out += [
+            f"### 5. Memory: {mem.last.identities:,} distinct identities, at most {mem.table:,} cached",
+            "",
+            f"One gateway with the filter (header source, `--concurrency 2`), `limits.max_identities` "
+            f"{mem.table:,}{' (the default)' if mem.default_table else ''} and the budget for new identities "
+            f"raised to 100 000 per second (`new_identities_per_s`, `new_identities_burst`) so that none is "
+            f"refused. A Python client in its own process (`bench/flood.py`) mints a new subject token for every "
+            f"request, as the stand-in issuer does (RS256 with its key, a new `sub` each: a new workload "
+            f"identity), and sends them over {mem.connections} keep-alive connections, one request in flight on "
+            f"each; the stand-in token endpoint verifies every token and exchanges it. After {mem.warmup} warm-up "
+            f"identities (connections, the VMs' heaps), Envoy's `server.memory_allocated` (admin `/stats`; Envoy "
+            f"updates it when it flushes stats, here every {scenarios.STATS_FLUSH_S:g} s) is read "
+            f"{scenarios.MEMORY_READINGS} times, one flush apart, once the gateway is idle (the table shows the "
+            f"median): the baseline, then after {', '.join(f'{s.identities:,}' for s in mem.samples[1:])} new "
+            f"identities. `server.memory_heap_size` and the Envoy process's RSS (`VmRSS`, every page it holds, "
+            f"whoever allocated it) are read with it.",
+            "",
+            memory_table(mem),
+            "",
+        ]
+    out += [
         "## Reading",
         "",
         reading.text(results),

@@ -79,15 +79,26 @@ class Testbed:
         """The Python OpenAI stand-in (token endpoint): counts the exchanges."""
         return self.standins.openai
 
-    def gateway(self, source: str, with_filter: bool = True) -> Stack:
-        """A started gateway for source (started once, then reused)."""
-        key = (source, with_filter)
+    def gateway(self, source: str, with_filter: bool = True, variant: str | None = None, **options) -> Stack:
+        """A started gateway for source (started once, then reused).
+
+        variant names a gateway of its own, started with options (more arguments of
+        tests.harness.Stack, e.g. filter_settings or bootstrap_patch)."""
+        key = (source, with_filter, variant)
         if key not in self.stacks:
-            name = f"{source}-{'filter' if with_filter else 'baseline'}"
+            name = f"{source}-{variant or ('filter' if with_filter else 'baseline')}"
             stack = Stack(source, self.workdir / name, standins=self.standins, with_filter=with_filter,
-                          log_level="warning", name="gateway", api_port=self.upstream.port, access_log=False)
+                          log_level="warning", name="gateway", api_port=self.upstream.port, access_log=False,
+                          **options)
             self.stacks[key] = stack.start()
         return self.stacks[key]
+
+    def stop_gateway(self, stack: Stack):
+        """Stops one gateway now (it is not reused)."""
+        for key, started in list(self.stacks.items()):
+            if started is stack:
+                del self.stacks[key]
+        stack.stop()
 
     def own_cpu_seconds(self) -> float:
         """CPU time of everything the benchmark runs: this process (with the stand-ins), its finished
