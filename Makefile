@@ -47,10 +47,6 @@ unit: setup ## Unit tests of the pure logic, on the host and again as wasm32-was
 	cargo test
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(PY) tools/wasm_runner.py" cargo test --target $(TARGET)
 
-.PHONY: fuzz
-fuzz: setup ## Fuzz every parser: a million inputs per target (make test runs a short pass)
-	OPENAI_WIF_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz -- --nocapture --test-threads 1
-
 .PHONY: validate
 validate: build ## Offline checks: Envoy configs, Istio manifests, OCI image layout
 	$(PY) -m tools.validate
@@ -61,6 +57,7 @@ image: build ## Write the OCI image layout for Istio's WasmPlugin to target/oci-
 
 .PHONY: fuzz
 fuzz: setup ## Fuzz every parser with a million inputs per target (make test runs a short pass)
+	OPENAI_WIF_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz -- --nocapture --test-threads 1
 	OPENAI_WIF_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz_targets -- --nocapture --test-threads 2
 
 .PHONY: bench
