@@ -114,8 +114,11 @@ pub fn parse_response(
     retry_after: Option<&str>,
     body: Option<&[u8]>,
 ) -> Result<Issued, ExchangeError> {
+    // Exactly three digits, as Envoy writes `:status`: "+200" or "0200" is no answer.
     let status: u16 = status
-        .and_then(|s| s.trim().parse().ok())
+        .map(str::trim)
+        .filter(|s| s.len() == 3 && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse().ok())
         .ok_or(ExchangeError::NoResponse)?;
     if status != 200 {
         return Err(ExchangeError::Status {
