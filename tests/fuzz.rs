@@ -154,6 +154,16 @@ fn lit_opt(bytes: Option<&[u8]>) -> String {
     bytes.map_or_else(|| "None".into(), |b| format!("Some({})", lit(b)))
 }
 
+thread_local! {
+    static ACCEPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts an input the target accepted (for the store targets: found a record, was held, was
+/// refused): a target that accepts nothing, or everything, has an oracle that tests nothing.
+fn accepted() {
+    ACCEPTED.with(|c| c.set(true));
+}
+
 /// Runs `check` on `iterations()` inputs from `generate`. `show` renders an input for a
 /// failure report (byte strings as literals).
 fn fuzz<T>(
@@ -176,12 +186,15 @@ fn fuzz<T>(
         None => 0..n,
     };
     let n = range.end - range.start;
+    let mut accepted = 0;
     for i in range {
         let mut rng = Rng::new(seed ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let input = generate(&mut rng);
+        ACCEPTED.with(|c| c.set(false));
         let t0 = Instant::now();
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| check(&input)));
         let took = t0.elapsed();
+        accepted += u64::from(ACCEPTED.with(|c| c.get()));
         slowest = slowest.max(took);
         let problem = match outcome {
             Err(payload) => Some(format!(
@@ -206,9 +219,16 @@ fn fuzz<T>(
     }
     let elapsed = started.elapsed();
     println!(
-        "fuzz {target}: {n} inputs in {elapsed:.2?} ({:.0}/s, slowest {slowest:.2?})",
+        "fuzz {target}: {n} inputs in {elapsed:.2?} ({:.0}/s, slowest {slowest:.2?}), {accepted} accepted",
         n as f64 / elapsed.as_secs_f64().max(1e-9)
     );
+    if n >= 1000 {
+        assert!(
+            accepted > 0,
+            "fuzz target {target} accepted none of {n} inputs"
+        );
+        assert!(accepted < n, "fuzz target {target} accepted all {n} inputs");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -660,6 +680,7 @@ fn fuzz_authority_host() {
         |input| match authority::host(input) {
             Err(_) => Ok(()),
             Ok(h) => {
+                accepted();
                 if h.is_empty() {
                     return Err("accepted an empty host".into());
                 }
@@ -706,6 +727,7 @@ fn fuzz_jwt_inspect() {
             match jwt::inspect(&text) {
                 Err(_) => Ok(()),
                 Ok(_) => {
+                    accepted();
                     let parts: Vec<&str> = text.trim().split('.').collect();
                     if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
                         return Err(format!(
@@ -756,6 +778,7 @@ fn fuzz_header_accept() {
         |(value, now)| format!("value {}, now_s {now}", lit_opt(value.as_deref())),
         |(value, now)| match header::accept(value.as_deref(), SUBJECT_HEADER, *now) {
             Ok((secret, claims)) => {
+                accepted();
                 if let Err(e) = jwt::inspect(secret.expose()) {
                     return Err(format!("accepted a subject that is no JWT: {e}"));
                 }
@@ -854,6 +877,7 @@ fn fuzz_exchange_parse_response() {
                 body.as_deref(),
             );
             let Ok(issued) = result else { return Ok(()) };
+            accepted();
             let status = status.as_deref().unwrap_or_default();
             if status.trim() != "200" {
                 return Err(format!("accepted status {status:?}"));
@@ -930,6 +954,7 @@ fn fuzz_config_parse() {
             let Ok(c) = Config::parse(input) else {
                 return Ok(());
             };
+            accepted();
             let ms = c.token_endpoint.timeout.as_millis();
             if !(1..=60_000).contains(&ms) {
                 return Err(format!("token endpoint timeout {ms} ms"));
@@ -1044,6 +1069,7 @@ fn fuzz_source(
             let src = &sources[*which];
             match subject::parse(src, a.response(), *now) {
                 Ok(f) => {
+                    accepted();
                     if let Err(e) = jwt::inspect(f.subject.expose()) {
                         return Err(format!("fetched a subject that is no JWT: {e}"));
                     }
@@ -1509,6 +1535,9 @@ fn fuzz_cache_table() {
                     }
                 }
                 let record = table.record(&store, key);
+                if record.is_some() {
+                    accepted();
+                }
                 if record != found.map(|f| f.record) {
                     return Err("record and find disagree".into());
                 }
@@ -1762,6 +1791,7 @@ fn fuzz_lease_table() {
                                 }
                             }
                             Acquire::Held(l) => {
+                                accepted();
                                 if l.deadline_ms <= now {
                                     return Err("held by a lease past its deadline".into());
                                 }
@@ -1869,6 +1899,7 @@ fn fuzz_admission_bucket() {
                 {
                     Admit::Yes => admitted += 1,
                     Admit::No { retry_after_ms } => {
+                        accepted();
                         if !(1..=1000).contains(&retry_after_ms) {
                             return Err(format!("retry after {retry_after_ms} ms"));
                         }
