@@ -5,7 +5,7 @@
 //! examples and mutations of them: bit flips, odd bytes, inserted, deleted and duplicated
 //! ranges, splices of two examples, truncation, random bytes, long runs, deep nesting and huge
 //! numbers; JSON inputs are also mutated as trees. Every input must not panic, must finish in
-//! 100 ms (1 s in a debug build), and must satisfy the target's oracle.
+//! 1 s (5 s in a debug build), and must satisfy the target's oracle.
 //!
 //! A failure names the target, the seed and the iteration, and prints the input as a
 //! byte-string literal. `OPENAI_WIF_FUZZ_SEED=<seed>` repeats a run, and with
@@ -130,12 +130,13 @@ fn target_seed(seed: u64, target: &str) -> u64 {
     })
 }
 
-/// Longest time one input may take.
+/// Longest time one input may take: a hang detector, loose enough that a loaded machine does
+/// not trip it.
 fn time_limit() -> Duration {
     if cfg!(debug_assertions) {
-        Duration::from_secs(1)
+        Duration::from_secs(5)
     } else {
-        Duration::from_millis(100)
+        Duration::from_secs(1)
     }
 }
 
@@ -1308,7 +1309,6 @@ fn fuzz_spiffe_source() {
 /// `{"` (a leading space: base64 `IHsi…`; `{ "alg"…`: `eyAi…`) still passes `jwt::inspect`, and
 /// is echoed whole. Found by `fuzz_kubernetes_source` and `fuzz_gcp_metadata_source`.
 #[test]
-#[ignore = "subject::detail echoes a JWT whose header does not start with {\""]
 fn source_errors_never_echo_a_jwt() {
     let sources = [
         source(r#"{"source":"kubernetes","cluster":"wif_token_file"}"#),

@@ -2,7 +2,8 @@
 //!
 //! Each target starts from a corpus of valid inputs and mutates it (bit flips, bytes that are not
 //! UTF-8, insertions, deletions, splices, long runs, deep nesting). Per input it checks that the
-//! target does not panic, that it answers within a time bound, and an oracle: what a target
+//! target does not panic, that it answers within a time bound (a second: a hang, not a slow
+//! input), and an oracle: what a target
 //! accepts must really be valid ("garbage never parses as success").
 //!
 //! `cargo test` runs a short pass; `make fuzz` sets `OPENAI_WIF_FUZZ_ITERATIONS=1000000`.
@@ -152,10 +153,11 @@ fn mutate_jwt_part(rng: &mut Rng, input: &[u8]) -> Option<Vec<u8>> {
 /// oracle, an input that takes too long, or a target that accepted nothing or everything (then
 /// the mutations or the oracle are not doing their job).
 fn fuzz(name: &str, seed: u64, corpus: &[Vec<u8>], mut check: impl FnMut(&[u8]) -> bool) {
+    // A hang detector, not a benchmark: loose enough that a loaded machine does not trip it.
     let limit = if cfg!(debug_assertions) {
-        Duration::from_secs(1)
+        Duration::from_secs(5)
     } else {
-        Duration::from_millis(100)
+        Duration::from_secs(1)
     };
     let mut rng = Rng(seed | 1);
     let n = iterations();

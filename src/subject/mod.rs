@@ -200,19 +200,41 @@ fn http_body<'a>(
 }
 
 /// A short, printable excerpt of an error body, to say why a source refused. Error bodies of
-/// metadata services carry reasons, not tokens; anything that looks like a JWT is dropped.
+/// metadata services carry reasons, not tokens; a body with anything token-shaped in it (a
+/// dotted base64url word, however its header is spelt, or a long base64url run, which could be
+/// a piece of one) is not echoed at all.
 fn detail(body: &[u8]) -> String {
+    if carries_a_token(body) {
+        return String::new();
+    }
     let text: String = String::from_utf8_lossy(body)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(200)
         .collect();
     let text = text.trim();
-    if text.is_empty() || text.contains("eyJ") {
+    if text.is_empty() {
         String::new()
     } else {
         format!(": {text}")
     }
+}
+
+/// True when `body` holds a word that could be a token or a piece of one: `eyJ` (the start of
+/// any JSON object in base64url), a dotted base64 word with a long part, or a long base64 run.
+fn carries_a_token(body: &[u8]) -> bool {
+    // Either base64 alphabet: a token may be mangled into the other one.
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || b"-_+/=".contains(b);
+    if body.windows(3).any(|w| w == b"eyJ") {
+        return true;
+    }
+    body.split(|b| !(base64(b) || *b == b'.')).any(|word| {
+        // A JWT header alone is some 20 characters; host names and addresses have short labels.
+        let dotted = word.iter().filter(|&&b| b == b'.').count() >= 2
+            && word.split(|&b| b == b'.').any(|part| part.len() >= 12);
+        let long_run = word.split(|&b| b == b'.').any(|run| run.len() >= 40);
+        dotted || long_run
+    })
 }
 
 /// A GET to a platform source: the shape every HTTP source shares.
@@ -349,6 +371,39 @@ mod tests {
             "could not obtain subject token from gcp_metadata: HTTP 500"
         );
         assert_eq!(e.failure().code, Code::SubjectSourceUnavailable);
+    }
+
+    #[test]
+    fn error_bodies_with_anything_token_shaped_are_not_echoed() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        for header in [
+            &br#"{"alg":"RS256"}"#[..],
+            br#" {"alg":"RS256"}"#,
+            br#"{ "alg":"RS256"}"#,
+        ] {
+            let token = format!(
+                "{}.{}.{}",
+                URL_SAFE_NO_PAD.encode(header),
+                URL_SAFE_NO_PAD.encode(b"{}"),
+                URL_SAFE_NO_PAD.encode(b"signature")
+            );
+            assert_eq!(detail(format!("error: {token} (bad)").as_bytes()), "");
+            assert_eq!(
+                detail(&token.as_bytes()[..token.len() - 4]),
+                "",
+                "a piece of one"
+            );
+        }
+        assert_eq!(detail(&[b'A'; 64]), "", "a long base64url run");
+        assert_eq!(
+            detail(b"Identity not found. Try api-version=2018-02-01 on 169.254.169.254."),
+            ": Identity not found. Try api-version=2018-02-01 on 169.254.169.254."
+        );
+        assert_eq!(
+            detail(b"Missing Metadata-Flavor:Google header."),
+            ": Missing Metadata-Flavor:Google header."
+        );
     }
 
     #[test]
