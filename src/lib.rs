@@ -5,14 +5,18 @@
 //! endpoint for a short-lived access token, caches that token in Envoy shared data for every
 //! worker, and sends the request on with `Authorization: Bearer <access token>`.
 //!
-//! Read it top-down: [`filter::http`] is where a request enters, [`filter::root`] runs the
-//! fetches and exchanges, and the modules below them are pure logic with their own tests.
-//! [`host`] is the only module that talks to Envoy.
+//! Read it top-down: [`filter`] turns proxy-wasm callbacks into events for the
+//! [`coordinator`], the per-VM state machine that decides who fetches, who waits, who is
+//! resumed or answered, when to refresh and what to sweep. Below it are pure modules with their
+//! own tests: [`config`], [`authority`], [`subject`] (where subject tokens come from),
+//! [`exchange`], [`cache`], [`lease`], [`admission`], [`lifetime`], [`identity`], [`jwt`],
+//! [`reply`], [`logs`]. [`host`] is the seam to Envoy, the only module that talks to it.
 
 pub mod admission;
 pub mod authority;
 pub mod cache;
 pub mod config;
+pub mod coordinator;
 pub mod exchange;
 pub mod filter;
 pub mod host;

@@ -1,13 +1,15 @@
-//! The one module that talks to Envoy.
+//! The seam to Envoy: the [`Host`] trait, and [`Envoy`], its one real implementation.
 //!
-//! Everything else in the crate is plain Rust. The calls go through [`abi`], which declares the
-//! host's functions itself rather than using the SDK's `hostcalls` wrappers (those panic on
-//! unexpected statuses and on non-UTF-8 header values, and a panic traps the VM). Here host
-//! statuses become [`HostError`]s and header values stay bytes: no function in this module
-//! panics, whatever the host or a client sends. `tests::only_the_host_seam_calls_the_host`
-//! keeps it that way.
+//! Everything else in the crate is plain Rust that runs against any `Host` (the coordinator's
+//! tests use `host::fake`). The real calls go through [`abi`], which declares the host's
+//! functions itself rather than using the SDK's `hostcalls` wrappers (those panic on unexpected
+//! statuses and on non-UTF-8 header values, and a panic traps the VM). Here host statuses become
+//! [`HostError`]s and header values stay bytes: nothing panics, whatever the host or a client
+//! sends. `tests::only_the_host_seam_calls_the_host` keeps it that way.
 
 pub mod abi;
+#[cfg(test)]
+pub mod fake;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,38 +20,133 @@ use crate::reply::LocalReply;
 use crate::secret::Secret;
 use crate::shared::{SharedStore, StoreError, Versioned};
 
-/// Wall-clock time in milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    match abi::now_ns() {
-        Ok(ns) => ns / 1_000_000,
-        Err(_) => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-            .unwrap_or(0),
+/// Everything the filter asks of its host: the one seam between the logic and Envoy.
+///
+/// Request calls (`request_header`, `send_reply`, …) act on the current context, which the SDK
+/// sets before each callback; `resume_with_token` and `reply_to` act on another one and come
+/// back to `root_id`. [`Envoy`] is the real host; `host::fake` (tests) simulates several workers
+/// over one shared store and clock.
+pub trait Host: SharedStore {
+    /// Wall-clock time in milliseconds since the epoch.
+    fn now_ms(&self) -> u64;
+    /// Random bits; zero if there are none, which only removes jitter.
+    fn random_u64(&self) -> u64;
+
+    /// A request header's raw value; one the host cannot give is absent.
+    fn request_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn set_request_header(&self, name: &str, value: &[u8]) -> Result<(), HostError>;
+    fn remove_request_header(&self, name: &str) -> Result<(), HostError>;
+    fn remove_request_trailer(&self, name: &str) -> Result<(), HostError>;
+    /// A response header as text; missing, unreadable or not UTF-8 is absent.
+    fn response_header(&self, name: &str) -> Option<String>;
+    /// A property of the current request or connection (e.g. `["xds", "cluster_name"]`).
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Answers the current request locally.
+    fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
+    /// Resumes a request paused on another context with `Authorization: Bearer <token>`.
+    /// Fails if the request is gone.
+    fn resume_with_token(
+        &self,
+        context_id: u32,
+        token: &Secret,
+        root_id: u32,
+    ) -> Result<(), HostError>;
+    /// Answers a request paused on another context locally. Fails if the request is gone.
+    fn reply_to(&self, context_id: u32, reply: &LocalReply, root_id: u32) -> Result<(), HostError>;
+
+    fn dispatch_http(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, HostError>;
+    fn dispatch_grpc(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        metadata: &[(&'static str, Vec<u8>)],
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, HostError>;
+    /// The answer to the HTTP callout being delivered.
+    fn http_call_response(&self, body_size: usize, max_body: usize) -> CallResponse;
+    /// The message of the gRPC callout being delivered.
+    fn grpc_response_message(&self, size: usize, max: usize) -> Vec<u8>;
+
+    fn set_tick_period(&self, period: Duration);
+    fn register_queue(&self, name: &str) -> Result<u32, HostError>;
+    fn enqueue(&self, queue_id: u32) -> Result<(), HostError>;
+    /// Empties a queue; its items carry no data, only the wake-up.
+    fn drain_queue(&self, queue_id: u32);
+    fn define_counter(&self, name: &str) -> Option<u32>;
+    fn increment(&self, metric_id: u32);
+
+    /// 16 random bits, for jitter.
+    fn jitter(&self) -> u16 {
+        (self.random_u64() & 0xffff) as u16
+    }
+
+    /// `Authorization: Bearer <token>` on the current request.
+    fn inject(&self, token: &Secret) -> Result<(), HostError> {
+        self.set_request_header("authorization", &bearer(token))
     }
 }
 
-/// Random bits from the host (WASI `random_get`); zero if it has none, which only removes jitter.
-pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    match getrandom::fill(&mut b) {
-        Ok(()) => u64::from_le_bytes(b),
-        Err(_) => 0,
-    }
+/// The value of `Authorization` for `token`.
+pub fn bearer(token: &Secret) -> Vec<u8> {
+    let mut value = Vec::with_capacity(7 + token.expose().len());
+    value.extend_from_slice(b"Bearer ");
+    value.extend_from_slice(token.expose().as_bytes());
+    value
 }
 
-pub fn jitter() -> u16 {
-    (random_u64() & 0xffff) as u16
+/// The answer to an HTTP callout: `:status` (absent when the call failed), `retry-after`
+/// (absent when missing or not text), and up to `max_body` bytes of body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallResponse {
+    pub status: Option<String>,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
 }
+
+/// Envoy, through the proxy-wasm ABI.
+pub struct Envoy;
 
 fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
-/// Envoy shared data.
-pub struct Shared;
+fn text(bytes: Option<Vec<u8>>) -> Option<String> {
+    bytes.and_then(|b| String::from_utf8(b).ok())
+}
 
-impl SharedStore for Shared {
+fn read_buffer(buffer: Buffer, size: usize, max: usize) -> Vec<u8> {
+    // One byte past the limit is read so oversized answers are recognised as such.
+    abi::buffer(buffer, size.min(max.saturating_add(1)))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// The plugin configuration, up to `max` bytes (read before the filter is configured).
+pub fn plugin_configuration(size: usize, max: usize) -> Vec<u8> {
+    read_buffer(Buffer::PluginConfiguration, size, max)
+}
+
+/// Runs `f` with `context_id` as the current context, then makes `root_id` current again.
+fn on_context<T>(
+    context_id: u32,
+    root_id: u32,
+    f: impl FnOnce() -> Result<T, HostError>,
+) -> Result<T, HostError> {
+    let result = abi::set_effective_context(context_id).and_then(|()| f());
+    let _ = abi::set_effective_context(root_id);
+    result
+}
+
+impl SharedStore for Envoy {
     fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         abi::shared_data(key).map_err(|e| StoreError::Host(e.0))
     }
@@ -63,158 +160,135 @@ impl SharedStore for Shared {
     }
 }
 
-/// A request header's raw value; a header the host cannot give is absent.
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    abi::header(Map::RequestHeaders, name).ok().flatten()
-}
-
-pub fn set_request_header(name: &str, value: &[u8]) -> Result<(), HostError> {
-    abi::replace_header(Map::RequestHeaders, name, value)
-}
-
-pub fn remove_request_header(name: &str) -> Result<(), HostError> {
-    abi::remove_header(Map::RequestHeaders, name)
-}
-
-pub fn remove_request_trailer(name: &str) -> Result<(), HostError> {
-    abi::remove_header(Map::RequestTrailers, name)
-}
-
-/// A property of the current request or connection (e.g. `["xds", "cluster_name"]`), raw.
-pub fn property(path: &[&str]) -> Option<Vec<u8>> {
-    abi::property(path).ok().flatten()
-}
-
-/// A response header as text; one that is missing, unreadable or not UTF-8 is absent.
-pub fn response_header(name: &str) -> Option<String> {
-    text(abi::header(Map::ResponseHeaders, name).ok().flatten())
-}
-
-fn text(bytes: Option<Vec<u8>>) -> Option<String> {
-    bytes.and_then(|b| String::from_utf8(b).ok())
-}
-
-/// Answers the current request locally.
-pub fn send_reply(reply: &LocalReply) -> Result<(), HostError> {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(k, v)| (*k, v.as_str()))
-        .collect();
-    abi::send_local_response(reply.status, &headers, &reply.body)
-}
-
-/// Runs `f` with `context_id` as the current context, then makes `root_id` current again.
-/// Fails (without running `f`) if the request is gone.
-fn on_context<T>(
-    context_id: u32,
-    root_id: u32,
-    f: impl FnOnce() -> Result<T, HostError>,
-) -> Result<T, HostError> {
-    let result = abi::set_effective_context(context_id).and_then(|()| f());
-    let _ = abi::set_effective_context(root_id);
-    result
-}
-
-/// `Authorization: Bearer <token>` on the current request.
-pub fn inject(token: &Secret) -> Result<(), HostError> {
-    let mut value = Vec::with_capacity(7 + token.expose().len());
-    value.extend_from_slice(b"Bearer ");
-    value.extend_from_slice(token.expose().as_bytes());
-    set_request_header("authorization", &value)
-}
-
-/// Resumes a request paused on another context with the token injected.
-pub fn resume_with_token(context_id: u32, token: &Secret, root_id: u32) -> Result<(), HostError> {
-    on_context(context_id, root_id, || {
-        inject(token)?;
-        abi::resume_request()
-    })
-}
-
-/// Answers a request paused on another context locally.
-pub fn reply_to(context_id: u32, reply: &LocalReply, root_id: u32) -> Result<(), HostError> {
-    on_context(context_id, root_id, || send_reply(reply))
-}
-
-pub fn dispatch_http(
-    cluster: &str,
-    headers: &[(&'static str, String)],
-    body: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<u32, HostError> {
-    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    abi::http_call(cluster, &headers, body.unwrap_or_default(), timeout)
-}
-
-pub fn dispatch_grpc(
-    cluster: &str,
-    service: &str,
-    method: &str,
-    metadata: &[(&'static str, Vec<u8>)],
-    message: &[u8],
-    timeout: Duration,
-) -> Result<u32, HostError> {
-    let metadata: Vec<(&str, &[u8])> = metadata.iter().map(|(k, v)| (*k, v.as_slice())).collect();
-    abi::grpc_call(cluster, service, method, &metadata, message, timeout)
-}
-
-/// The answer to an HTTP callout: `:status` (absent when the call failed), `retry-after`
-/// (absent when missing or not text), and up to `max_body` bytes of body.
-pub struct CallResponse {
-    pub status: Option<String>,
-    pub retry_after: Option<String>,
-    pub body: Vec<u8>,
-}
-
-pub fn http_call_response(body_size: usize, max_body: usize) -> CallResponse {
-    let header = |name: &str| text(abi::header(Map::CallResponseHeaders, name).ok().flatten());
-    CallResponse {
-        status: header(":status"),
-        retry_after: header("retry-after"),
-        body: read_buffer(Buffer::CallResponseBody, body_size, max_body),
+impl Host for Envoy {
+    fn now_ms(&self) -> u64 {
+        match abi::now_ns() {
+            Ok(ns) => ns / 1_000_000,
+            Err(_) => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+        }
     }
-}
 
-pub fn grpc_response_message(size: usize, max: usize) -> Vec<u8> {
-    read_buffer(Buffer::GrpcReceive, size, max)
-}
+    fn random_u64(&self) -> u64 {
+        let mut b = [0u8; 8];
+        match getrandom::fill(&mut b) {
+            Ok(()) => u64::from_le_bytes(b),
+            Err(_) => 0,
+        }
+    }
 
-pub fn plugin_configuration(size: usize, max: usize) -> Vec<u8> {
-    read_buffer(Buffer::PluginConfiguration, size, max)
-}
+    fn request_header(&self, name: &str) -> Option<Vec<u8>> {
+        abi::header(Map::RequestHeaders, name).ok().flatten()
+    }
 
-fn read_buffer(buffer: Buffer, size: usize, max: usize) -> Vec<u8> {
-    // One byte past the limit is read so oversized answers are recognised as such.
-    abi::buffer(buffer, size.min(max.saturating_add(1)))
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
+    fn set_request_header(&self, name: &str, value: &[u8]) -> Result<(), HostError> {
+        abi::replace_header(Map::RequestHeaders, name, value)
+    }
 
-pub fn set_tick_period(period: Duration) {
-    let _ = abi::set_tick_period_ms(millis_u32(period));
-}
+    fn remove_request_header(&self, name: &str) -> Result<(), HostError> {
+        abi::remove_header(Map::RequestHeaders, name)
+    }
 
-pub fn register_queue(name: &str) -> Result<u32, HostError> {
-    abi::register_queue(name)
-}
+    fn remove_request_trailer(&self, name: &str) -> Result<(), HostError> {
+        abi::remove_header(Map::RequestTrailers, name)
+    }
 
-pub fn enqueue(queue_id: u32) -> Result<(), HostError> {
-    abi::enqueue(queue_id, b"1")
-}
+    fn response_header(&self, name: &str) -> Option<String> {
+        text(abi::header(Map::ResponseHeaders, name).ok().flatten())
+    }
 
-/// Empties a queue; its items carry no data, only the wake-up.
-pub fn drain_queue(queue_id: u32) {
-    while let Ok(Some(_)) = abi::dequeue(queue_id) {}
-}
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        abi::property(path).ok().flatten()
+    }
 
-pub fn define_counter(name: &str) -> Option<u32> {
-    abi::define_counter(name).ok()
-}
+    fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
+        abi::send_local_response(reply.status, &headers, &reply.body)
+    }
 
-pub fn increment(metric_id: u32) {
-    let _ = abi::increment(metric_id, 1);
+    fn resume_with_token(
+        &self,
+        context_id: u32,
+        token: &Secret,
+        root_id: u32,
+    ) -> Result<(), HostError> {
+        on_context(context_id, root_id, || {
+            self.inject(token)?;
+            abi::resume_request()
+        })
+    }
+
+    fn reply_to(&self, context_id: u32, reply: &LocalReply, root_id: u32) -> Result<(), HostError> {
+        on_context(context_id, root_id, || self.send_reply(reply))
+    }
+
+    fn dispatch_http(
+        &self,
+        cluster: &str,
+        headers: &[(&'static str, String)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        abi::http_call(cluster, &headers, body.unwrap_or_default(), timeout)
+    }
+
+    fn dispatch_grpc(
+        &self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        metadata: &[(&'static str, Vec<u8>)],
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, HostError> {
+        let metadata: Vec<(&str, &[u8])> =
+            metadata.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+        abi::grpc_call(cluster, service, method, &metadata, message, timeout)
+    }
+
+    fn http_call_response(&self, body_size: usize, max_body: usize) -> CallResponse {
+        let header = |name: &str| text(abi::header(Map::CallResponseHeaders, name).ok().flatten());
+        CallResponse {
+            status: header(":status"),
+            retry_after: header("retry-after"),
+            body: read_buffer(Buffer::CallResponseBody, body_size, max_body),
+        }
+    }
+
+    fn grpc_response_message(&self, size: usize, max: usize) -> Vec<u8> {
+        read_buffer(Buffer::GrpcReceive, size, max)
+    }
+
+    fn set_tick_period(&self, period: Duration) {
+        let _ = abi::set_tick_period_ms(millis_u32(period));
+    }
+
+    fn register_queue(&self, name: &str) -> Result<u32, HostError> {
+        abi::register_queue(name)
+    }
+
+    fn enqueue(&self, queue_id: u32) -> Result<(), HostError> {
+        abi::enqueue(queue_id, b"1")
+    }
+
+    fn drain_queue(&self, queue_id: u32) {
+        while let Ok(Some(_)) = abi::dequeue(queue_id) {}
+    }
+
+    fn define_counter(&self, name: &str) -> Option<u32> {
+        abi::define_counter(name).ok()
+    }
+
+    fn increment(&self, metric_id: u32) {
+        let _ = abi::increment(metric_id, 1);
+    }
 }
 
 /// Sends the `log` crate's records to Envoy's log. A log call that the host refuses is dropped.
@@ -251,32 +325,32 @@ pub fn install_logger() {
 
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod tests {
-    /// The SDK's `hostcalls::*` and its `Context` helper methods panic on host statuses they do
-    /// not expect and on non-UTF-8 values. Only `host::abi` may call the host, so none of them
-    /// may appear anywhere else.
+    /// The SDK's `hostcalls::*` and its `Context` helper methods (called on the context itself,
+    /// `self.…`) panic on host statuses they do not expect and on non-UTF-8 values. Only
+    /// `host::abi` may call the host, so none of them may appear anywhere else.
     #[test]
     fn only_the_host_seam_calls_the_host() {
         let forbidden = [
             "hostcalls::",
             "proxy_wasm::types::Status",
-            ".get_http_request_header",
-            ".set_http_request_header",
-            ".get_http_response_header",
-            ".send_http_response",
-            ".dispatch_http_call",
-            ".dispatch_grpc_call",
-            ".get_shared_data",
-            ".set_shared_data",
-            ".get_property",
-            ".set_property",
-            ".get_http_call_response",
-            ".get_grpc_call_response",
-            ".resume_http_request",
-            ".set_tick_period",
-            ".get_current_time",
-            ".register_shared_queue",
-            ".enqueue_shared_queue",
-            ".dequeue_shared_queue",
+            "self.get_http_request_header(",
+            "self.set_http_request_header(",
+            "self.get_http_response_header(",
+            "self.send_http_response(",
+            "self.dispatch_http_call(",
+            "self.dispatch_grpc_call(",
+            "self.get_shared_data(",
+            "self.set_shared_data(",
+            "self.get_property(",
+            "self.set_property(",
+            "self.get_http_call_response(",
+            "self.get_grpc_call_response(",
+            "self.resume_http_request(",
+            "self.set_tick_period(",
+            "self.get_current_time(",
+            "self.register_shared_queue(",
+            "self.enqueue_shared_queue(",
+            "self.dequeue_shared_queue(",
             "proxy_wasm::set_log_level",
         ];
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");

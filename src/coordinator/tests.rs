@@ -1,0 +1,451 @@
+//! The coordinator without Envoy: simulated workers (one coordinator each) over one shared
+//! store and one clock. Each test plays Envoy's part: requests arrive, callouts are answered,
+//! ticks and wake-ups happen, time passes.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::{Coordinator, Verdict};
+use crate::host::fake::{Call, FakeHost, World};
+use crate::jwt::tests::make;
+
+const T0: u64 = 1_800_000_000_000;
+
+const HEADER_CONFIG: &str = r#"{"identity_provider_id":"wip_1","service_account_id":"sa_1",
+    "token_endpoint":{"cluster":"openai_auth","timeout_ms":1000}}"#;
+
+const KUBERNETES_CONFIG: &str = r#"{"identity_provider_id":"wip_1","service_account_id":"sa_1",
+    "token_endpoint":{"cluster":"openai_auth","timeout_ms":1000},
+    "subject_token":{"source":"kubernetes","cluster":"wif_token_file","timeout_ms":1000}}"#;
+
+struct Worker {
+    c: Coordinator<FakeHost>,
+}
+
+impl Worker {
+    fn new(world: &Rc<World>, config: &str) -> Worker {
+        let c = Coordinator::new(FakeHost::new(world.clone()), 1);
+        c.configure(config.as_bytes()).unwrap();
+        Worker { c }
+    }
+
+    fn host(&self) -> &FakeHost {
+        self.c.host()
+    }
+
+    /// A request for api.openai.com with the client's own key and, if given, a subject token.
+    fn request(&self, id: u32, subject: Option<&str>) -> Verdict {
+        let mut headers: Vec<(&str, &[u8])> = vec![
+            (":authority", b"api.openai.com"),
+            ("authorization", b"Bearer sk-client-key"),
+        ];
+        if let Some(s) = subject {
+            headers.push(("x-openai-subject-token", s.as_bytes()));
+        }
+        self.host().open(id, &headers);
+        self.c.request_headers(id)
+    }
+
+    /// The root context's queue fires (requests asked for fetches).
+    fn wake(&self) {
+        self.c.woken(1);
+    }
+
+    fn tick(&self) {
+        self.c.tick();
+    }
+
+    fn calls_to(&self, cluster: &str) -> Vec<Call> {
+        self.host()
+            .calls()
+            .into_iter()
+            .filter(|c| c.cluster == cluster)
+            .collect()
+    }
+
+    fn exchanges(&self) -> Vec<Call> {
+        self.calls_to("openai_auth")
+    }
+
+    /// Answers callout `call` with HTTP `status` and `body`.
+    fn answer(&self, call: &Call, status: &str, body: &str) {
+        self.host().set_answer(Some(status), None, body.as_bytes());
+        self.c.http_answer(call.id, body.len());
+    }
+
+    fn issue(&self, call: &Call, token: &str, expires_in: u64) {
+        self.answer(
+            call,
+            "200",
+            &format!(
+                r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{expires_in}}}"#
+            ),
+        );
+    }
+
+    fn error_code(&self, id: u32) -> Option<String> {
+        let reply = self.host().reply(id)?;
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).ok()?;
+        body["error"]["code"].as_str().map(str::to_string)
+    }
+}
+
+fn subject(sub: &str, lifetime_s: u64) -> String {
+    make(&format!(
+        r#"{{"sub":"{sub}","exp":{}}}"#,
+        T0 / 1000 + lifetime_s
+    ))
+}
+
+#[test]
+fn a_burst_on_two_workers_makes_exactly_one_exchange_and_everyone_gets_the_token() {
+    let world = World::new(T0);
+    let (a, b) = (
+        Worker::new(&world, HEADER_CONFIG),
+        Worker::new(&world, HEADER_CONFIG),
+    );
+    let token = subject("app", 3600);
+    for id in 10..60 {
+        assert_eq!(a.request(id, Some(&token)), Verdict::Pause);
+        assert_eq!(b.request(id, Some(&token)), Verdict::Pause);
+    }
+    a.wake();
+    b.wake();
+    a.tick();
+    b.tick();
+    let exchanges = [a.exchanges(), b.exchanges()].concat();
+    assert_eq!(exchanges.len(), 1, "single flight across workers");
+    let (leader, follower) = if a.exchanges().is_empty() {
+        (&b, &a)
+    } else {
+        (&a, &b)
+    };
+    let body: serde_json::Value = serde_json::from_slice(&exchanges[0].body).unwrap();
+    assert_eq!(body["subject_token"], token.as_str());
+    leader.issue(&exchanges[0], "at-1", 3600);
+    assert_eq!(leader.host().resumed().len(), 50);
+    assert!(
+        follower.host().resumed().is_empty(),
+        "resumed by its own tick"
+    );
+    world.advance(Duration::from_millis(10));
+    follower.tick();
+    assert_eq!(follower.host().resumed().len(), 50);
+    for w in [&a, &b] {
+        for id in 10..60 {
+            assert_eq!(w.host().authorization(id).as_deref(), Some("Bearer at-1"));
+            assert_eq!(w.host().header(id, "x-openai-subject-token"), None);
+        }
+        assert_eq!(
+            w.c.request_body(10),
+            Verdict::Continue,
+            "released requests flow"
+        );
+    }
+    // The next request is a hit: no pause, no fetch.
+    assert_eq!(b.request(99, Some(&token)), Verdict::Continue);
+    assert_eq!(b.host().authorization(99).as_deref(), Some("Bearer at-1"));
+    assert_eq!([a.exchanges(), b.exchanges()].concat().len(), 1);
+}
+
+#[test]
+fn two_identities_are_each_authorised_as_themselves() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let (one, two) = (subject("one", 3600), subject("two", 3600));
+    w.request(1, Some(&one));
+    w.request(2, Some(&two));
+    w.wake();
+    let calls = w.exchanges();
+    assert_eq!(calls.len(), 2);
+    for call in &calls {
+        let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+        let name = if body["subject_token"] == one.as_str() {
+            "at-one"
+        } else {
+            "at-two"
+        };
+        w.issue(call, name, 3600);
+    }
+    assert_eq!(w.host().authorization(1).as_deref(), Some("Bearer at-one"));
+    assert_eq!(w.host().authorization(2).as_deref(), Some("Bearer at-two"));
+}
+
+#[test]
+fn a_leader_that_vanishes_is_taken_over_after_its_lease() {
+    let world = World::new(T0);
+    let (a, b) = (
+        Worker::new(&world, HEADER_CONFIG),
+        Worker::new(&world, HEADER_CONFIG),
+    );
+    let token = subject("app", 3600);
+    a.request(1, Some(&token));
+    a.wake();
+    assert_eq!(a.exchanges().len(), 1);
+    // A's callout is lost and A never comes back. B's request waits on A's lease...
+    b.request(2, Some(&token));
+    b.wake();
+    b.tick();
+    assert!(b.exchanges().is_empty(), "the lease is still A's");
+    // ...until it runs out (a subject fetch's and an exchange's timeout, plus a margin).
+    world.advance(Duration::from_millis(2_600));
+    b.tick();
+    let calls = b.exchanges();
+    assert_eq!(calls.len(), 1, "B took the lease over");
+    b.issue(&calls[0], "at-b", 3600);
+    assert_eq!(b.host().authorization(2).as_deref(), Some("Bearer at-b"));
+    assert_eq!(b.host().reply(2), None);
+}
+
+#[test]
+fn a_vm_that_ends_gives_its_leases_back_at_once() {
+    let world = World::new(T0);
+    let (a, b) = (
+        Worker::new(&world, HEADER_CONFIG),
+        Worker::new(&world, HEADER_CONFIG),
+    );
+    let token = subject("app", 3600);
+    a.request(1, Some(&token));
+    a.wake();
+    a.c.done();
+    b.request(2, Some(&token));
+    b.wake();
+    assert_eq!(b.exchanges().len(), 1, "no wait for the deadline");
+}
+
+#[test]
+fn a_failed_exchange_answers_the_waiters_and_backs_off() {
+    let world = World::new(T0);
+    let (a, b) = (
+        Worker::new(&world, HEADER_CONFIG),
+        Worker::new(&world, HEADER_CONFIG),
+    );
+    let token = subject("app", 3600);
+    a.request(1, Some(&token));
+    b.request(2, Some(&token));
+    a.wake();
+    b.wake();
+    let call = a.exchanges().pop().unwrap();
+    a.answer(&call, "500", r#"{"error":"server_error"}"#);
+    assert_eq!(a.error_code(1).as_deref(), Some("token_exchange_failed"));
+    b.tick();
+    assert_eq!(b.error_code(2).as_deref(), Some("token_exchange_failed"));
+    // Within the backoff: refused at once, with retry-after, and OpenAI is not called again.
+    assert_eq!(b.request(3, Some(&token)), Verdict::Pause);
+    let reply = b.host().reply(3).unwrap();
+    assert_eq!(reply.status, 502);
+    assert!(reply.headers.iter().any(|(k, _)| *k == "retry-after"));
+    b.wake();
+    assert!(b.exchanges().is_empty());
+    // After it, the next request exchanges again.
+    world.advance(Duration::from_secs(2));
+    b.request(4, Some(&token));
+    b.wake();
+    assert_eq!(b.exchanges().len(), 1);
+}
+
+#[test]
+fn a_refresh_that_fails_keeps_serving_the_valid_token() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 3600);
+    w.request(1, Some(&token));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-1", 100);
+    // In the last fifth of its life: the token is used and one background refresh starts.
+    world.advance(Duration::from_secs(85));
+    assert_eq!(w.request(2, Some(&token)), Verdict::Continue);
+    assert_eq!(w.host().authorization(2).as_deref(), Some("Bearer at-1"));
+    w.wake();
+    assert_eq!(w.exchanges().len(), 2);
+    w.answer(&w.exchanges()[1], "503", "");
+    // Still valid: served; backing off: no new refresh.
+    assert_eq!(w.request(3, Some(&token)), Verdict::Continue);
+    assert_eq!(w.host().authorization(3).as_deref(), Some("Bearer at-1"));
+    w.wake();
+    assert_eq!(w.exchanges().len(), 2);
+    assert_eq!(w.host().counter("requests_denied"), 0);
+}
+
+#[test]
+fn a_token_is_never_used_at_or_after_its_expiry() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 3600);
+    w.request(1, Some(&token));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-1", 10);
+    world.advance(Duration::from_secs(10));
+    assert_eq!(
+        w.request(2, Some(&token)),
+        Verdict::Pause,
+        "expired: a miss"
+    );
+    assert_ne!(w.host().authorization(2).as_deref(), Some("Bearer at-1"));
+}
+
+#[test]
+fn a_wait_that_outlives_its_budget_is_answered_with_a_timeout() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 3600);
+    w.request(1, Some(&token));
+    w.wake();
+    // The callout never comes back; the lease expires and the tick takes it over again and
+    // again, until the request's wait budget (twice the lease) is spent.
+    for _ in 0..60 {
+        world.advance(Duration::from_millis(100));
+        w.tick();
+    }
+    assert_eq!(w.error_code(1).as_deref(), Some("token_wait_timeout"));
+}
+
+#[test]
+fn a_request_that_ends_while_waiting_is_forgotten() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 3600);
+    w.request(1, Some(&token));
+    w.request(2, Some(&token));
+    w.wake();
+    w.host().close(1);
+    w.c.request_done(1);
+    w.issue(&w.exchanges()[0], "at-1", 3600);
+    assert_eq!(w.host().resumed(), vec![2]);
+    assert!(w.c.requests.borrow().keys().all(|id| *id == 2));
+    w.c.request_done(2);
+    assert!(w.c.requests.borrow().is_empty() && w.c.waiting.borrow().is_empty());
+    assert_eq!(
+        w.host().tick_period(),
+        Some(super::SLOW_TICK),
+        "no waiters, slow tick"
+    );
+}
+
+#[test]
+fn the_gateway_identity_warms_up_on_the_first_tick_and_serves_every_request() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, KUBERNETES_CONFIG);
+    w.tick();
+    let fetch = w.calls_to("wif_token_file");
+    assert_eq!(fetch.len(), 1, "the subject is fetched at start-up");
+    w.answer(
+        &fetch[0],
+        "200",
+        &format!("{}\n", subject("system:serviceaccount:gw:gw", 3600)),
+    );
+    let exchange = w.exchanges();
+    assert_eq!(exchange.len(), 1);
+    w.issue(&exchange[0], "at-gw", 3600);
+    assert_eq!(w.request(1, None), Verdict::Continue);
+    assert_eq!(w.host().authorization(1).as_deref(), Some("Bearer at-gw"));
+    // A second worker finds it in shared data: no fetch of its own.
+    let other = Worker::new(&world, KUBERNETES_CONFIG);
+    other.tick();
+    assert!(other.host().calls().is_empty());
+    assert_eq!(other.request(2, None), Verdict::Continue);
+    assert_eq!(
+        other.host().authorization(2).as_deref(),
+        Some("Bearer at-gw")
+    );
+}
+
+#[test]
+fn a_401_from_openai_drops_the_token_once_per_interval() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 3600);
+    w.request(1, Some(&token));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-1", 3600);
+    let refused = |id: u32| {
+        w.host().enter(id);
+        w.host().set_response_status(id, "401");
+        w.c.response_headers(id);
+    };
+    assert_eq!(w.request(2, Some(&token)), Verdict::Continue);
+    refused(2);
+    assert_eq!(w.host().counter("tokens_invalidated"), 1);
+    // Dropped: the next request exchanges again...
+    assert_eq!(w.request(3, Some(&token)), Verdict::Pause);
+    w.wake();
+    w.issue(&w.exchanges()[1], "at-2", 3600);
+    assert_eq!(w.host().authorization(3).as_deref(), Some("Bearer at-2"));
+    // ...and OpenAI's next 401s within the interval go back to the caller as they are.
+    refused(3);
+    for id in 4..8 {
+        assert_eq!(w.request(id, Some(&token)), Verdict::Continue);
+        assert_eq!(w.host().authorization(id).as_deref(), Some("Bearer at-2"));
+        refused(id);
+    }
+    assert_eq!(w.exchanges().len(), 2);
+    assert_eq!(w.host().counter("tokens_invalidated"), 1);
+}
+
+#[test]
+fn credentials_never_pass_and_odd_authorities_are_refused() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 3600);
+    w.host().open(
+        1,
+        &[
+            (":authority", b"api.openai.com:443:443"),
+            ("authorization", b"Bearer sk-client-key"),
+            ("x-openai-subject-token", token.as_bytes()),
+        ],
+    );
+    assert_eq!(w.c.request_headers(1), Verdict::Pause);
+    assert_eq!(w.error_code(1).as_deref(), Some("invalid_authority"));
+    // Another host keeps its own credential but never the subject token; trailers too.
+    w.host().open(
+        2,
+        &[
+            (":authority", b"other.example"),
+            ("authorization", b"Bearer other"),
+            ("x-openai-subject-token", token.as_bytes()),
+        ],
+    );
+    assert_eq!(w.c.request_headers(2), Verdict::Continue);
+    assert_eq!(w.host().authorization(2).as_deref(), Some("Bearer other"));
+    assert_eq!(w.host().header(2, "x-openai-subject-token"), None);
+    w.host()
+        .set_trailers(2, &[("x-openai-subject-token", token.as_bytes())]);
+    assert_eq!(w.c.request_trailers(2), Verdict::Continue);
+    assert_eq!(w.host().trailer(2, "x-openai-subject-token"), None);
+    // A subject that is not text: a 401, not a trap.
+    w.host().open(
+        3,
+        &[
+            (":authority", b"api.openai.com"),
+            ("x-openai-subject-token", b"eyJ\xff\xfe"),
+        ],
+    );
+    assert_eq!(w.c.request_headers(3), Verdict::Pause);
+    assert_eq!(w.error_code(3).as_deref(), Some("invalid_subject_token"));
+    assert!(w.exchanges().is_empty());
+}
+
+#[test]
+fn new_identities_beyond_the_budget_are_refused_and_known_ones_are_not() {
+    let world = World::new(T0);
+    let config = HEADER_CONFIG.replace(
+        r#""token_endpoint""#,
+        r#""limits":{"new_identities_per_s":1,"new_identities_burst":2},"token_endpoint""#,
+    );
+    let w = Worker::new(&world, &config);
+    let known = subject("known", 3600);
+    w.request(1, Some(&known));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-known", 3600);
+    w.request(2, Some(&subject("new-1", 3600)));
+    assert_eq!(w.request(3, Some(&subject("new-2", 3600))), Verdict::Pause);
+    assert_eq!(w.error_code(3).as_deref(), Some("too_many_new_identities"));
+    assert_eq!(w.host().reply(3).unwrap().status, 429);
+    assert_eq!(
+        w.request(4, Some(&known)),
+        Verdict::Continue,
+        "a known identity"
+    );
+    assert_eq!(w.host().counter("new_identities_refused"), 1);
+}
