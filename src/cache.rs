@@ -76,32 +76,51 @@ pub struct Record {
     pub invalidated_at_ms: Option<u64>,
 }
 
-/// What a request should do, given the record for its identity.
+/// Where an identity's token stands at one instant: the one decision every caller reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup {
-    /// Use this token; when `refresh` is set, also start a refresh in the background.
-    Use { token: CachedToken, refresh: bool },
+    /// A token, not yet due for refresh.
+    Fresh(CachedToken),
+    /// A token in the last part of its life: use it, and refresh in the background.
+    RefreshDue(CachedToken),
+    /// A valid token while the last refresh failed: use it, and do not refresh before the
+    /// backoff ends.
+    ServingWhileBackingOff(CachedToken),
     /// No usable token and the last attempt failed recently: refuse until `retry_at_ms`.
-    Backoff(FailureState),
+    BackingOff(FailureState),
     /// No usable token: fetch one and wait for it.
     Miss,
 }
 
-/// Decides what a request does at `now_ms`.
+impl Lookup {
+    /// The token to use, in every state that has one.
+    pub fn token(&self) -> Option<&CachedToken> {
+        match self {
+            Lookup::Fresh(t) | Lookup::RefreshDue(t) | Lookup::ServingWhileBackingOff(t) => Some(t),
+            Lookup::BackingOff(_) | Lookup::Miss => None,
+        }
+    }
+
+    /// True when a fetch should start now.
+    pub fn wants_fetch(&self) -> bool {
+        matches!(self, Lookup::RefreshDue(_) | Lookup::Miss)
+    }
+}
+
+/// Decides where `record`'s token stands at `now_ms`.
 pub fn lookup(record: Option<&Record>, now_ms: u64) -> Lookup {
     let Some(record) = record else {
         return Lookup::Miss;
     };
     let backing_off = record.failure.as_ref().filter(|f| now_ms < f.retry_at_ms);
-    match &record.token {
-        Some(t) if now_ms < t.expires_at_ms => Lookup::Use {
-            token: t.clone(),
-            refresh: now_ms >= t.refresh_at_ms && backing_off.is_none(),
-        },
-        _ => match backing_off {
-            Some(f) => Lookup::Backoff(f.clone()),
-            None => Lookup::Miss,
-        },
+    match (&record.token, backing_off) {
+        (Some(t), None) if now_ms < t.expires_at_ms && now_ms >= t.refresh_at_ms => {
+            Lookup::RefreshDue(t.clone())
+        }
+        (Some(t), None) if now_ms < t.expires_at_ms => Lookup::Fresh(t.clone()),
+        (Some(t), Some(_)) if now_ms < t.expires_at_ms => Lookup::ServingWhileBackingOff(t.clone()),
+        (_, Some(f)) => Lookup::BackingOff(f.clone()),
+        (_, None) => Lookup::Miss,
     }
 }
 
@@ -405,21 +424,15 @@ mod tests {
         IdentityKey::from_raw(&format!("{n:016x}{}", "0".repeat(48)))
     }
 
-    fn uses(token: &CachedToken, refresh: bool) -> Lookup {
-        Lookup::Use {
-            token: token.clone(),
-            refresh,
-        }
-    }
-
     #[test]
     fn lookup_states() {
         assert_eq!(lookup(None, NOW), Lookup::Miss);
         let t = token(100, 200);
         let r = Record::succeeded(None, t.clone(), NOW);
-        assert_eq!(lookup(Some(&r), NOW), uses(&t, false));
-        assert_eq!(lookup(Some(&r), NOW + 100), uses(&t, true));
-        assert_eq!(lookup(Some(&r), NOW + 199), uses(&t, true));
+        assert_eq!(lookup(Some(&r), NOW), Lookup::Fresh(t.clone()));
+        assert_eq!(lookup(Some(&r), NOW + 100), Lookup::RefreshDue(t.clone()));
+        assert_eq!(lookup(Some(&r), NOW + 199), Lookup::RefreshDue(t.clone()));
+        assert!(lookup(Some(&r), NOW + 199).wants_fetch() && !lookup(Some(&r), NOW).wants_fetch());
         assert_eq!(
             lookup(Some(&r), NOW + 200),
             Lookup::Miss,
@@ -436,13 +449,21 @@ mod tests {
         assert_eq!(f.failure.as_ref().unwrap().count, 1);
         assert_eq!(f.failure.as_ref().unwrap().retry_at_ms, NOW + 1_150);
         // Still valid token: served, no refresh during the backoff, refresh again after it.
-        assert_eq!(lookup(Some(&f), NOW + 200), uses(&t, false));
-        assert_eq!(lookup(Some(&f), NOW + 1_150), uses(&t, true));
+        assert_eq!(
+            lookup(Some(&f), NOW + 200),
+            Lookup::ServingWhileBackingOff(t.clone())
+        );
+        assert!(!lookup(Some(&f), NOW + 200).wants_fetch());
+        assert_eq!(lookup(Some(&f), NOW + 1_150), Lookup::RefreshDue(t.clone()));
         // Expired token during backoff: refused; after backoff: a miss.
         let g = Record::failed(Some(&f), failure(), NOW + 5_000, None, 0);
         assert_eq!(g.token, None);
         assert_eq!(g.failure.as_ref().unwrap().count, 2);
-        assert!(matches!(lookup(Some(&g), NOW + 5_001), Lookup::Backoff(_)));
+        assert!(matches!(
+            lookup(Some(&g), NOW + 5_001),
+            Lookup::BackingOff(_)
+        ));
+        assert_eq!(lookup(Some(&g), NOW + 5_001).token(), None);
         assert_eq!(lookup(Some(&g), NOW + 7_000), Lookup::Miss);
         // Success clears the history.
         assert_eq!(Record::succeeded(Some(&g), token(1, 2), NOW).failure, None);

@@ -1550,14 +1550,20 @@ fn fuzz_cache_table() {
                     }
                     CacheOp::Lookup(id) => {
                         let record = found_ok(&ids[*id])?;
-                        match cache::lookup(record.as_ref(), now) {
-                            Lookup::Use { token, .. } if now >= token.expires_at_ms => {
-                                return Err("lookup uses an expired token".into())
-                            }
-                            Lookup::Backoff(f) if now >= f.retry_at_ms => {
-                                return Err("lookup backs off past retry_at_ms".into())
-                            }
-                            _ => {}
+                        let state = cache::lookup(record.as_ref(), now);
+                        if state.token().is_some_and(|t| now >= t.expires_at_ms) {
+                            return Err("lookup uses an expired token".into());
+                        }
+                        let backing_off = matches!(
+                            state,
+                            Lookup::BackingOff(_) | Lookup::ServingWhileBackingOff(_)
+                        );
+                        let failure_over = record
+                            .as_ref()
+                            .and_then(|r| r.failure.as_ref())
+                            .is_none_or(|f| now >= f.retry_at_ms);
+                        if backing_off && failure_over {
+                            return Err("lookup backs off past retry_at_ms".into());
                         }
                     }
                     CacheOp::Succeed {

@@ -400,8 +400,12 @@ impl<H: Host> Coordinator<H> {
             );
         }
         let found = self.table().find(&self.host, &identity);
-        match lookup(found.as_ref().map(|f| &f.record), now) {
-            Lookup::Use { token, refresh } => {
+        let state = lookup(found.as_ref().map(|f| &f.record), now);
+        let refresh = state.wants_fetch();
+        match state {
+            Lookup::Fresh(token)
+            | Lookup::RefreshDue(token)
+            | Lookup::ServingWhileBackingOff(token) => {
                 if self.host.inject(&token.access_token).is_err() {
                     return self.deny(
                         context_id,
@@ -420,7 +424,7 @@ impl<H: Host> Coordinator<H> {
                 }
                 Verdict::Continue
             }
-            Lookup::Backoff(f) => {
+            Lookup::BackingOff(f) => {
                 let retry = lifetime::retry_after_s(f.retry_at_ms, now);
                 self.deny(context_id, &f.failure, Some(retry))
             }
@@ -652,9 +656,8 @@ impl<H: Host> Coordinator<H> {
             return;
         }
         let now = self.host.now_ms();
-        match lookup(record, now) {
-            Lookup::Use { refresh: false, .. } | Lookup::Backoff(_) => return,
-            Lookup::Use { refresh: true, .. } | Lookup::Miss => {}
+        if !lookup(record, now).wants_fetch() {
+            return;
         }
         let deadline = now + lifetime::millis(config.lease_duration());
         match lease::try_acquire(&self.host, &identity, self.owner, now, deadline) {
@@ -980,7 +983,9 @@ impl<H: Host> Coordinator<H> {
             return;
         };
         match lookup(record, now) {
-            Lookup::Use { token, .. } => {
+            Lookup::Fresh(token)
+            | Lookup::RefreshDue(token)
+            | Lookup::ServingWhileBackingOff(token) => {
                 for w in waiters.list.drain(..) {
                     // Released before the host call: resuming may run the request's next
                     // callbacks at once.
@@ -997,7 +1002,7 @@ impl<H: Host> Coordinator<H> {
                     }
                 }
             }
-            Lookup::Backoff(f) => {
+            Lookup::BackingOff(f) => {
                 let reply = LocalReply::from_failure(
                     &f.failure,
                     Some(lifetime::retry_after_s(f.retry_at_ms, now)),
@@ -1087,17 +1092,12 @@ impl<H: Host> Coordinator<H> {
         }
         let now = self.host.now_ms();
         let record = self.table().record(&self.host, &identity);
-        let backing_off = record
-            .as_ref()
-            .and_then(|r| r.failure.as_ref())
-            .is_some_and(|f| now < f.retry_at_ms);
         match lookup(record.as_ref(), now) {
-            Lookup::Miss | Lookup::Use { refresh: true, .. } => {
+            Lookup::Miss | Lookup::RefreshDue(_) => {
                 self.start_if_needed(identity, None, record.as_ref())
             }
-            Lookup::Backoff(_) => {}
-            Lookup::Use { refresh: false, .. } if backing_off => {}
-            Lookup::Use { refresh: false, .. } => {
+            Lookup::BackingOff(_) | Lookup::ServingWhileBackingOff(_) => {}
+            Lookup::Fresh(_) => {
                 let due =
                     match shared::read::<SubjectRecord>(&self.host, &cache::subject_key(&identity))
                     {
