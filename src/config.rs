@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::subject::SubjectSource;
+use crate::subject::{self, RawSource};
+
 /// The validated configuration, shared read-only by every context of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -94,8 +97,8 @@ impl Config {
     /// it is a credential for this gateway alone.
     pub fn subject_header(&self) -> &str {
         match &self.subject {
-            SubjectSource::Header { header } => header,
-            _ => DEFAULT_HEADER,
+            SubjectSource::Header(h) => &h.header,
+            _ => subject::header::default_header(),
         }
     }
 
@@ -135,80 +138,6 @@ impl SubjectTokenType {
     }
 }
 
-/// Where subject tokens come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SubjectSource {
-    /// Per-request identity: each workload sends its own token in this header.
-    Header { header: String },
-    /// The gateway's projected service account token file, served by Envoy itself.
-    Kubernetes {
-        cluster: String,
-        authority: String,
-        path: String,
-        timeout: Duration,
-        refresh_interval: Duration,
-    },
-    /// Google metadata server identity token.
-    GcpMetadata {
-        cluster: String,
-        authority: String,
-        audience: String,
-        timeout: Duration,
-    },
-    /// Azure Instance Metadata Service managed identity token.
-    AzureImds {
-        cluster: String,
-        authority: String,
-        resource: String,
-        identity: Option<AzureIdentity>,
-        timeout: Duration,
-    },
-    /// SPIFFE Workload API JWT-SVID (SPIRE, Defakto).
-    Spiffe {
-        cluster: String,
-        audience: String,
-        spiffe_id: Option<String>,
-        timeout: Duration,
-    },
-}
-
-/// Which user-assigned managed identity IMDS should issue a token for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AzureIdentity {
-    ClientId(String),
-    ObjectId(String),
-    MsiResId(String),
-}
-
-impl SubjectSource {
-    /// The name used in configuration, logs and error messages.
-    pub fn name(&self) -> &'static str {
-        match self {
-            SubjectSource::Header { .. } => "header",
-            SubjectSource::Kubernetes { .. } => "kubernetes",
-            SubjectSource::GcpMetadata { .. } => "gcp_metadata",
-            SubjectSource::AzureImds { .. } => "azure_imds",
-            SubjectSource::Spiffe { .. } => "spiffe",
-        }
-    }
-
-    /// True when the subject belongs to the gateway rather than to each request.
-    pub fn is_gateway_identity(&self) -> bool {
-        !matches!(self, SubjectSource::Header { .. })
-    }
-
-    /// How long a fetch from the source may take.
-    pub fn timeout(&self) -> Duration {
-        match self {
-            SubjectSource::Header { .. } => Duration::ZERO,
-            SubjectSource::Kubernetes { timeout, .. }
-            | SubjectSource::GcpMetadata { timeout, .. }
-            | SubjectSource::AzureImds { timeout, .. }
-            | SubjectSource::Spiffe { timeout, .. } => *timeout,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
     #[error("configuration is not valid JSON for this filter at `{field}`: {reason}")]
@@ -217,17 +146,11 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
-const DEFAULT_HEADER: &str = "x-openai-subject-token";
 const DEFAULT_TOKEN_AUTHORITY: &str = "auth.openai.com";
 const DEFAULT_TOKEN_PATH: &str = "/oauth/token";
 const DEFAULT_TIMEOUT_MS: u64 = 5000;
 const MAX_TIMEOUT_MS: u64 = 60_000;
 const DEFAULT_HOST: &str = "api.openai.com";
-const DEFAULT_K8S_AUTHORITY: &str = "localhost";
-const DEFAULT_K8S_PATH: &str = "/token";
-const DEFAULT_K8S_REFRESH_S: u64 = 30;
-const DEFAULT_GCP_AUTHORITY: &str = "metadata.google.internal";
-const DEFAULT_IMDS_AUTHORITY: &str = "169.254.169.254";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -235,7 +158,7 @@ struct RawConfig {
     identity_provider_id: String,
     service_account_id: String,
     #[serde(default)]
-    subject_token: Option<RawSubject>,
+    subject_token: Option<RawSource>,
     #[serde(default)]
     subject_token_type: Option<String>,
     token_endpoint: RawTokenEndpoint,
@@ -272,56 +195,6 @@ struct RawTokenEndpoint {
     path: Option<String>,
     #[serde(default)]
     timeout_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "source", rename_all = "snake_case", deny_unknown_fields)]
-enum RawSubject {
-    Header {
-        #[serde(default)]
-        header: Option<String>,
-    },
-    Kubernetes {
-        cluster: String,
-        #[serde(default)]
-        path: Option<String>,
-        #[serde(default)]
-        authority: Option<String>,
-        #[serde(default)]
-        timeout_ms: Option<u64>,
-        #[serde(default)]
-        refresh_interval_s: Option<u64>,
-    },
-    GcpMetadata {
-        cluster: String,
-        audience: String,
-        #[serde(default)]
-        authority: Option<String>,
-        #[serde(default)]
-        timeout_ms: Option<u64>,
-    },
-    AzureImds {
-        cluster: String,
-        resource: String,
-        #[serde(default)]
-        client_id: Option<String>,
-        #[serde(default)]
-        object_id: Option<String>,
-        #[serde(default)]
-        msi_res_id: Option<String>,
-        #[serde(default)]
-        authority: Option<String>,
-        #[serde(default)]
-        timeout_ms: Option<u64>,
-    },
-    Spiffe {
-        cluster: String,
-        audience: String,
-        #[serde(default)]
-        spiffe_id: Option<String>,
-        #[serde(default)]
-        timeout_ms: Option<u64>,
-    },
 }
 
 impl Config {
@@ -373,7 +246,7 @@ impl TryFrom<RawConfig> for Config {
             )?,
             timeout: timeout("token_endpoint.timeout_ms", raw.token_endpoint.timeout_ms)?,
         };
-        let subject = subject(raw.subject_token)?;
+        let subject = SubjectSource::from_raw(raw.subject_token)?;
         let scope = match raw.scope.as_deref() {
             None | Some("hosts") => Scope::Hosts(hosts(raw.hosts)?),
             Some("all") if raw.hosts.is_some() => {
@@ -418,125 +291,12 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
-fn subject(raw: Option<RawSubject>) -> Result<SubjectSource, ConfigError> {
-    let raw = raw.unwrap_or(RawSubject::Header { header: None });
-    Ok(match raw {
-        RawSubject::Header { header } => SubjectSource::Header {
-            header: header_name("subject_token.header", header)?,
-        },
-        RawSubject::Kubernetes {
-            cluster: c,
-            path: p,
-            authority: a,
-            timeout_ms,
-            refresh_interval_s,
-        } => {
-            let refresh = refresh_interval_s.unwrap_or(DEFAULT_K8S_REFRESH_S);
-            if !(1..=3600).contains(&refresh) {
-                return Err(invalid(
-                    "subject_token.refresh_interval_s",
-                    format!("must be between 1 and 3600 seconds, not {refresh}"),
-                ));
-            }
-            SubjectSource::Kubernetes {
-                cluster: cluster("subject_token.cluster", c)?,
-                authority: authority("subject_token.authority", a, DEFAULT_K8S_AUTHORITY)?,
-                path: path("subject_token.path", p, DEFAULT_K8S_PATH)?,
-                timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
-                refresh_interval: Duration::from_secs(refresh),
-            }
-        }
-        RawSubject::GcpMetadata {
-            cluster: c,
-            audience,
-            authority: a,
-            timeout_ms,
-        } => SubjectSource::GcpMetadata {
-            cluster: cluster("subject_token.cluster", c)?,
-            authority: authority("subject_token.authority", a, DEFAULT_GCP_AUTHORITY)?,
-            audience: identifier("subject_token.audience", audience)?,
-            timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
-        },
-        RawSubject::AzureImds {
-            cluster: c,
-            resource,
-            client_id,
-            object_id,
-            msi_res_id,
-            authority: a,
-            timeout_ms,
-        } => {
-            let selectors = [
-                client_id.map(AzureIdentity::ClientId),
-                object_id.map(AzureIdentity::ObjectId),
-                msi_res_id.map(AzureIdentity::MsiResId),
-            ];
-            let mut chosen = selectors.into_iter().flatten();
-            let identity = chosen.next();
-            if chosen.next().is_some() {
-                return Err(invalid(
-                    "subject_token.client_id",
-                    "at most one of client_id, object_id and msi_res_id may be set".into(),
-                ));
-            }
-            let identity = match identity {
-                Some(AzureIdentity::ClientId(v)) => Some(AzureIdentity::ClientId(identifier(
-                    "subject_token.client_id",
-                    v,
-                )?)),
-                Some(AzureIdentity::ObjectId(v)) => Some(AzureIdentity::ObjectId(identifier(
-                    "subject_token.object_id",
-                    v,
-                )?)),
-                Some(AzureIdentity::MsiResId(v)) => Some(AzureIdentity::MsiResId(identifier(
-                    "subject_token.msi_res_id",
-                    v,
-                )?)),
-                None => None,
-            };
-            SubjectSource::AzureImds {
-                cluster: cluster("subject_token.cluster", c)?,
-                authority: authority("subject_token.authority", a, DEFAULT_IMDS_AUTHORITY)?,
-                resource: identifier("subject_token.resource", resource)?,
-                identity,
-                timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
-            }
-        }
-        RawSubject::Spiffe {
-            cluster: c,
-            audience,
-            spiffe_id,
-            timeout_ms,
-        } => {
-            let spiffe_id = match spiffe_id {
-                None => None,
-                Some(id) => {
-                    let id = identifier("subject_token.spiffe_id", id)?;
-                    if !id.starts_with("spiffe://") || id.len() <= "spiffe://".len() {
-                        return Err(invalid(
-                            "subject_token.spiffe_id",
-                            "must be a SPIFFE ID such as spiffe://example.org/workload".into(),
-                        ));
-                    }
-                    Some(id)
-                }
-            };
-            SubjectSource::Spiffe {
-                cluster: cluster("subject_token.cluster", c)?,
-                audience: identifier("subject_token.audience", audience)?,
-                spiffe_id,
-                timeout: timeout("subject_token.timeout_ms", timeout_ms)?,
-            }
-        }
-    })
-}
-
-fn invalid(field: &'static str, reason: String) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, reason: String) -> ConfigError {
     ConfigError::Invalid { field, reason }
 }
 
 /// An id, audience or resource: printable ASCII without spaces, at most 1024 bytes.
-fn identifier(field: &'static str, value: String) -> Result<String, ConfigError> {
+pub(crate) fn identifier(field: &'static str, value: String) -> Result<String, ConfigError> {
     if value.is_empty() {
         return Err(invalid(field, "must not be empty".into()));
     }
@@ -552,14 +312,14 @@ fn identifier(field: &'static str, value: String) -> Result<String, ConfigError>
     Ok(value)
 }
 
-fn cluster(field: &'static str, value: String) -> Result<String, ConfigError> {
+pub(crate) fn cluster(field: &'static str, value: String) -> Result<String, ConfigError> {
     if value.trim().is_empty() {
         return Err(invalid(field, "must name an Envoy cluster".into()));
     }
     identifier(field, value)
 }
 
-fn authority(
+pub(crate) fn authority(
     field: &'static str,
     value: Option<String>,
     default: &str,
@@ -578,7 +338,11 @@ fn authority(
     Ok(value)
 }
 
-fn path(field: &'static str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+pub(crate) fn path(
+    field: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<String, ConfigError> {
     let value = value.unwrap_or_else(|| default.to_string());
     if !value.starts_with('/') || !value.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(invalid(
@@ -589,7 +353,7 @@ fn path(field: &'static str, value: Option<String>, default: &str) -> Result<Str
     Ok(value)
 }
 
-fn timeout(field: &'static str, value: Option<u64>) -> Result<Duration, ConfigError> {
+pub(crate) fn timeout(field: &'static str, value: Option<u64>) -> Result<Duration, ConfigError> {
     let ms = value.unwrap_or(DEFAULT_TIMEOUT_MS);
     if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
         return Err(invalid(
@@ -600,8 +364,7 @@ fn timeout(field: &'static str, value: Option<u64>) -> Result<Duration, ConfigEr
     Ok(Duration::from_millis(ms))
 }
 
-fn header_name(field: &'static str, value: Option<String>) -> Result<String, ConfigError> {
-    let value = value.unwrap_or_else(|| DEFAULT_HEADER.to_string());
+pub(crate) fn header_name(field: &'static str, value: String) -> Result<String, ConfigError> {
     let token = !value.is_empty()
         && value
             .bytes()
@@ -702,9 +465,9 @@ mod tests {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(
             c.subject,
-            SubjectSource::Header {
+            SubjectSource::Header(subject::header::Config {
                 header: "x-openai-subject-token".into()
-            }
+            })
         );
         assert_eq!(c.subject_token_type, SubjectTokenType::Jwt);
         assert_eq!(c.token_endpoint.authority, "auth.openai.com");
@@ -748,7 +511,7 @@ mod tests {
         ))
         .unwrap();
         assert!(
-            matches!(k.subject, SubjectSource::Kubernetes { ref authority, refresh_interval, .. }
+            matches!(k.subject, SubjectSource::Kubernetes(subject::kubernetes::Config { ref authority, refresh_interval, .. })
             if authority == "localhost" && refresh_interval == Duration::from_secs(30))
         );
         let g = parse(&base(
@@ -756,14 +519,14 @@ mod tests {
         ))
         .unwrap();
         assert!(
-            matches!(g.subject, SubjectSource::GcpMetadata { ref authority, .. } if authority == "metadata.google.internal")
+            matches!(g.subject, SubjectSource::GcpMetadata(subject::gcp_metadata::Config { ref authority, .. }) if authority == "metadata.google.internal")
         );
         let a = parse(&base(
             r#"{"source":"azure_imds","cluster":"imds","resource":"api://x","object_id":"o"}"#,
         ))
         .unwrap();
         assert!(
-            matches!(a.subject, SubjectSource::AzureImds { identity: Some(AzureIdentity::ObjectId(ref o)), ref authority, .. }
+            matches!(a.subject, SubjectSource::AzureImds(subject::azure_imds::Config { identity: Some(subject::azure_imds::Identity { kind: "object_id", value: ref o }), ref authority, .. })
             if o == "o" && authority == "169.254.169.254")
         );
         let s = parse(&base(r#"{"source":"spiffe","cluster":"spire","audience":"aud","spiffe_id":"spiffe://ex.org/w"}"#)).unwrap();

@@ -7,7 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{AzureIdentity, Config, SubjectSource};
+use crate::config::{Config, SubjectSource};
 use crate::secret::{hex, Secret};
 
 /// Hex SHA-256 naming one identity's cache entry and lease.
@@ -23,44 +23,10 @@ impl IdentityKey {
     /// Key for the gateway's own identity under `config.subject`.
     pub fn for_gateway(config: &Config) -> Self {
         let mut parts: Vec<&str> = vec!["gateway", config.subject.name()];
-        match &config.subject {
-            SubjectSource::Header { header } => parts.push(header),
-            SubjectSource::Kubernetes {
-                cluster,
-                authority,
-                path,
-                ..
-            } => parts.extend([cluster.as_str(), authority, path]),
-            SubjectSource::GcpMetadata {
-                cluster,
-                authority,
-                audience,
-                ..
-            } => parts.extend([cluster.as_str(), authority, audience]),
-            SubjectSource::AzureImds {
-                cluster,
-                authority,
-                resource,
-                identity,
-                ..
-            } => {
-                parts.extend([cluster.as_str(), authority, resource]);
-                match identity {
-                    Some(AzureIdentity::ClientId(v)) => parts.extend(["client_id", v]),
-                    Some(AzureIdentity::ObjectId(v)) => parts.extend(["object_id", v]),
-                    Some(AzureIdentity::MsiResId(v)) => parts.extend(["msi_res_id", v]),
-                    None => {}
-                }
-            }
-            SubjectSource::Spiffe {
-                cluster,
-                audience,
-                spiffe_id,
-                ..
-            } => {
-                parts.extend([cluster.as_str(), audience]);
-                parts.push(spiffe_id.as_deref().unwrap_or(""));
-            }
+        match (&config.subject, config.subject.platform()) {
+            (SubjectSource::Header(h), _) => parts.push(&h.header),
+            (_, Some(platform)) => parts.extend(platform.identity_parts()),
+            (_, None) => {}
         }
         Self::digest(&parts, config)
     }

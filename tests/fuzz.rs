@@ -1284,10 +1284,10 @@ fn fuzz_spiffe_source() {
         |src, answer, fetched| {
             // With a spiffe_id configured, the subject is that SVID's, never another's.
             let (
-                SubjectSource::Spiffe {
+                SubjectSource::Spiffe(openai_wif::subject::spiffe::Config {
                     spiffe_id: Some(want),
                     ..
-                },
+                }),
                 Answer::Grpc { message, .. },
             ) = (src, answer)
             else {

@@ -367,7 +367,8 @@ impl<H: Host> Coordinator<H> {
     fn authorise(&self, context_id: u32, config: &Config) -> Verdict {
         let now = self.host.now_ms();
         let (identity, subject) = match &config.subject {
-            SubjectSource::Header { header: name } => {
+            SubjectSource::Header(h) => {
+                let name = &h.header;
                 let value = self.host.request_header(name);
                 match header::accept(value.as_deref(), name, now / 1000) {
                     Ok((token, claims)) => (
@@ -777,7 +778,7 @@ impl<H: Host> Coordinator<H> {
             Err((cluster, e)) => {
                 self.count(Counter::SubjectFetchFailed);
                 let err = subject::SourceError::new(
-                    &config.subject,
+                    config.subject.name(),
                     format!("cannot call cluster {cluster} ({e})"),
                 );
                 self.fail(identity, err.failure(), None);
@@ -1174,12 +1175,11 @@ fn subject_record(
         expires_at_ms: now,
         refresh_at_ms: now,
     });
-    let reread = match &config.subject {
-        SubjectSource::Kubernetes {
-            refresh_interval, ..
-        } => now + lifetime::millis(*refresh_interval),
-        _ => u64::MAX,
-    };
+    let reread = config
+        .subject
+        .platform()
+        .and_then(|p| p.reread_interval())
+        .map_or(u64::MAX, |every| now + lifetime::millis(every));
     SubjectRecord {
         subject,
         exp_s,

@@ -1,8 +1,45 @@
 //! The `header` source: each workload sends its own subject token with its request.
 
+use serde::Deserialize;
+
+use crate::config::{header_name, ConfigError};
+
 use crate::jwt::{self, Claims, JwtError};
 use crate::reply::{Code, Failure};
 use crate::secret::Secret;
+
+pub const NAME: &str = "header";
+const DEFAULT_HEADER: &str = "x-openai-subject-token";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The header that carries the workload's token (lower case).
+    pub header: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    #[serde(default)]
+    header: Option<String>,
+}
+
+impl Config {
+    pub fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+        Ok(Config {
+            header: header_name(
+                "subject_token.header",
+                raw.header.unwrap_or_else(|| DEFAULT_HEADER.to_string()),
+            )?,
+        })
+    }
+}
+
+/// The header a workload's subject token comes in when nothing else is configured: removed
+/// from every request whatever the source, since it is a credential for this gateway alone.
+pub const fn default_header() -> &'static str {
+    DEFAULT_HEADER
+}
 
 /// Validates the header's raw value: present, not empty, not oversized, text, a three-part JWT,
 /// not expired at `now_s`. Every refusal is a 401 that says what was wrong.

@@ -2,36 +2,107 @@
 //!
 //! A proxy-wasm module cannot open files, so Envoy serves the file: a listener whose route
 //! answers with `direct_response` from `{filename, watched_directory}`, which follows kubelet's
-//! atomic `..data` symlink swaps. The filter GETs it like any other source.
+//! atomic `..data` symlink swaps. The filter GETs it like any other source, and re-reads it every
+//! `refresh_interval_s` so a rotated file is picked up.
 
 use std::time::Duration;
 
-use super::{get, http_body, SourceCall, SourceError, SourceResponse};
-use crate::config::SubjectSource;
+use serde::Deserialize;
 
-pub(super) fn request(cluster: &str, authority: &str, path: &str, timeout: Duration) -> SourceCall {
-    get(cluster, authority, path.to_string(), None, timeout)
+use super::{get, http_body, Platform, SourceCall, SourceError, SourceResponse};
+use crate::config::{authority, cluster, invalid, path, timeout, ConfigError};
+
+pub const NAME: &str = "kubernetes";
+const DEFAULT_AUTHORITY: &str = "localhost";
+const DEFAULT_PATH: &str = "/token";
+const DEFAULT_REFRESH_S: u64 = 30;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout: Duration,
+    pub refresh_interval: Duration,
 }
 
-pub(super) fn token(
-    source: &SubjectSource,
-    response: SourceResponse<'_>,
-) -> Result<String, SourceError> {
-    let body = http_body(source, response)?;
-    let text = std::str::from_utf8(body)
-        .map_err(|_| SourceError::new(source, "the token file is not text"))?;
-    if text.trim().is_empty() {
-        return Err(SourceError::new(source, "the token file is empty"));
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    cluster: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    refresh_interval_s: Option<u64>,
+}
+
+impl Config {
+    pub fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+        let refresh = raw.refresh_interval_s.unwrap_or(DEFAULT_REFRESH_S);
+        if !(1..=3600).contains(&refresh) {
+            return Err(invalid(
+                "subject_token.refresh_interval_s",
+                format!("must be between 1 and 3600 seconds, not {refresh}"),
+            ));
+        }
+        Ok(Config {
+            cluster: cluster("subject_token.cluster", raw.cluster)?,
+            authority: authority("subject_token.authority", raw.authority, DEFAULT_AUTHORITY)?,
+            path: path("subject_token.path", raw.path, DEFAULT_PATH)?,
+            timeout: timeout("subject_token.timeout_ms", raw.timeout_ms)?,
+            refresh_interval: Duration::from_secs(refresh),
+        })
     }
-    Ok(text.to_string())
+}
+
+impl Platform for Config {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn request(&self) -> SourceCall {
+        get(
+            &self.cluster,
+            &self.authority,
+            self.path.clone(),
+            None,
+            self.timeout,
+        )
+    }
+
+    fn token(&self, response: SourceResponse<'_>) -> Result<String, SourceError> {
+        let body = http_body(NAME, response)?;
+        let text = std::str::from_utf8(body)
+            .map_err(|_| SourceError::new(NAME, "the token file is not text"))?;
+        if text.trim().is_empty() {
+            return Err(SourceError::new(NAME, "the token file is empty"));
+        }
+        Ok(text.to_string())
+    }
+
+    fn identity_parts(&self) -> Vec<&str> {
+        vec![&self.cluster, &self.authority, &self.path]
+    }
+
+    fn reread_interval(&self) -> Option<Duration> {
+        Some(self.refresh_interval)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn source() -> SubjectSource {
-        SubjectSource::Kubernetes {
+    fn source() -> Config {
+        Config {
             cluster: "wif_token_file".into(),
             authority: "localhost".into(),
             path: "/token".into(),
@@ -46,7 +117,7 @@ mod tests {
             cluster,
             headers,
             timeout,
-        } = crate::subject::request(&source()).unwrap()
+        } = source().request()
         else {
             panic!()
         };
@@ -64,26 +135,22 @@ mod tests {
 
     #[test]
     fn empty_or_missing_file() {
-        let e = token(
-            &source(),
-            SourceResponse::Http {
+        let e = source()
+            .token(SourceResponse::Http {
                 status: Some(200),
                 body: b" \n",
-            },
-        )
-        .unwrap_err();
+            })
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "could not obtain subject token from kubernetes: the token file is empty"
         );
-        let e = token(
-            &source(),
-            SourceResponse::Http {
+        let e = source()
+            .token(SourceResponse::Http {
                 status: Some(404),
                 body: b"",
-            },
-        )
-        .unwrap_err();
+            })
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "could not obtain subject token from kubernetes: HTTP 404"

@@ -14,10 +14,99 @@ pub mod spiffe;
 
 use std::time::Duration;
 
-use crate::config::SubjectSource;
+use serde::Deserialize;
+
+use crate::config::ConfigError;
 use crate::jwt::{self, JwtError};
 use crate::reply::{Code, Failure};
 use crate::secret::Secret;
+
+/// Where subject tokens come from: the one list of sources. Each variant's module holds the
+/// source's configuration (parsed and validated from the raw JSON), its request, its answer's
+/// parser and its identity. A new source is one module, a variant here and in [`RawSource`],
+/// and an arm in [`SubjectSource::from_raw`] and [`SubjectSource::platform`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectSource {
+    Header(header::Config),
+    Kubernetes(kubernetes::Config),
+    GcpMetadata(gcp_metadata::Config),
+    AzureImds(azure_imds::Config),
+    Spiffe(spiffe::Config),
+}
+
+/// `subject_token` as written, tagged by `source`.
+#[derive(Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum RawSource {
+    Header(header::Raw),
+    Kubernetes(kubernetes::Raw),
+    GcpMetadata(gcp_metadata::Raw),
+    AzureImds(azure_imds::Raw),
+    Spiffe(spiffe::Raw),
+}
+
+impl SubjectSource {
+    /// The validated source; without a `subject_token`, the header source's defaults.
+    pub fn from_raw(raw: Option<RawSource>) -> Result<SubjectSource, ConfigError> {
+        Ok(
+            match raw.unwrap_or(RawSource::Header(header::Raw::default())) {
+                RawSource::Header(r) => SubjectSource::Header(header::Config::from_raw(r)?),
+                RawSource::Kubernetes(r) => {
+                    SubjectSource::Kubernetes(kubernetes::Config::from_raw(r)?)
+                }
+                RawSource::GcpMetadata(r) => {
+                    SubjectSource::GcpMetadata(gcp_metadata::Config::from_raw(r)?)
+                }
+                RawSource::AzureImds(r) => {
+                    SubjectSource::AzureImds(azure_imds::Config::from_raw(r)?)
+                }
+                RawSource::Spiffe(r) => SubjectSource::Spiffe(spiffe::Config::from_raw(r)?),
+            },
+        )
+    }
+
+    /// The platform behind a gateway identity; `None` for the header source.
+    pub fn platform(&self) -> Option<&dyn Platform> {
+        match self {
+            SubjectSource::Header(_) => None,
+            SubjectSource::Kubernetes(c) => Some(c),
+            SubjectSource::GcpMetadata(c) => Some(c),
+            SubjectSource::AzureImds(c) => Some(c),
+            SubjectSource::Spiffe(c) => Some(c),
+        }
+    }
+
+    /// The name used in configuration, logs and error messages.
+    pub fn name(&self) -> &'static str {
+        self.platform().map_or(header::NAME, |p| p.name())
+    }
+
+    /// True when the subject belongs to the gateway rather than to each request.
+    pub fn is_gateway_identity(&self) -> bool {
+        self.platform().is_some()
+    }
+
+    /// How long a fetch from the source may take.
+    pub fn timeout(&self) -> Duration {
+        self.platform().map_or(Duration::ZERO, |p| p.timeout())
+    }
+}
+
+/// A source that gives the gateway its own identity, fetched with one callout.
+pub trait Platform {
+    fn name(&self) -> &'static str;
+    fn timeout(&self) -> Duration;
+    /// The callout that fetches the subject token.
+    fn request(&self) -> SourceCall;
+    /// The subject token in the callout's answer (checked further by [`parse`]).
+    fn token(&self, response: SourceResponse<'_>) -> Result<String, SourceError>;
+    /// What names this identity besides the exchange parameters (see [`crate::identity`]).
+    fn identity_parts(&self) -> Vec<&str>;
+    /// How often the subject is read again although it is still valid (a rotated file).
+    fn reread_interval(&self) -> Option<Duration> {
+        None
+    }
+}
 
 /// A callout to a platform source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,9 +152,9 @@ pub struct SourceError {
 }
 
 impl SourceError {
-    pub fn new(source: &SubjectSource, reason: impl Into<String>) -> Self {
+    pub fn new(source_name: &'static str, reason: impl Into<String>) -> Self {
         SourceError {
-            source_name: source.name(),
+            source_name,
             reason: reason.into(),
         }
     }
@@ -85,48 +174,7 @@ pub const MAX_SOURCE_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// The callout that fetches the gateway's subject token; `None` for the header source.
 pub fn request(source: &SubjectSource) -> Option<SourceCall> {
-    match source {
-        SubjectSource::Header { .. } => None,
-        SubjectSource::Kubernetes {
-            cluster,
-            authority,
-            path,
-            timeout,
-            ..
-        } => Some(kubernetes::request(cluster, authority, path, *timeout)),
-        SubjectSource::GcpMetadata {
-            cluster,
-            authority,
-            audience,
-            timeout,
-        } => Some(gcp_metadata::request(
-            cluster, authority, audience, *timeout,
-        )),
-        SubjectSource::AzureImds {
-            cluster,
-            authority,
-            resource,
-            identity,
-            timeout,
-        } => Some(azure_imds::request(
-            cluster,
-            authority,
-            resource,
-            identity.as_ref(),
-            *timeout,
-        )),
-        SubjectSource::Spiffe {
-            cluster,
-            audience,
-            spiffe_id,
-            timeout,
-        } => Some(spiffe::request(
-            cluster,
-            audience,
-            spiffe_id.as_deref(),
-            *timeout,
-        )),
-    }
+    source.platform().map(|p| p.request())
 }
 
 /// Reads a source's answer into a subject token that is usable at `now_s`.
@@ -135,22 +183,18 @@ pub fn parse(
     response: SourceResponse<'_>,
     now_s: u64,
 ) -> Result<Fetched, SourceError> {
-    let token = match source {
-        SubjectSource::Header { .. } => {
-            return Err(SourceError::new(source, "the header source is not fetched"))
-        }
-        SubjectSource::Kubernetes { .. } => kubernetes::token(source, response)?,
-        SubjectSource::GcpMetadata { .. } => gcp_metadata::token(source, response)?,
-        SubjectSource::AzureImds { .. } => azure_imds::token(source, response)?,
-        SubjectSource::Spiffe { spiffe_id, .. } => {
-            spiffe::token(source, spiffe_id.as_deref(), response)?
-        }
+    let Some(platform) = source.platform() else {
+        return Err(SourceError::new(
+            header::NAME,
+            "the header source is not fetched",
+        ));
     };
-    checked(source, token, now_s)
+    let token = platform.token(response)?;
+    checked(platform.name(), token, now_s)
 }
 
 /// Checks that a fetched token is a JWT that has not expired.
-fn checked(source: &SubjectSource, token: String, now_s: u64) -> Result<Fetched, SourceError> {
+fn checked(source: &'static str, token: String, now_s: u64) -> Result<Fetched, SourceError> {
     let token = token.trim().to_string();
     let claims = jwt::inspect(&token).map_err(|e| match e {
         JwtError::Empty => SourceError::new(source, "the token is empty"),
@@ -170,7 +214,7 @@ fn checked(source: &SubjectSource, token: String, now_s: u64) -> Result<Fetched,
 
 /// The body of a successful HTTP answer, or why there is none.
 fn http_body<'a>(
-    source: &SubjectSource,
+    source: &'static str,
     response: SourceResponse<'a>,
 ) -> Result<&'a [u8], SourceError> {
     match response {
@@ -275,12 +319,12 @@ mod tests {
     use crate::jwt::tests::make;
 
     fn gcp() -> SubjectSource {
-        SubjectSource::GcpMetadata {
+        SubjectSource::GcpMetadata(gcp_metadata::Config {
             cluster: "gcp".into(),
             authority: "metadata.google.internal".into(),
             audience: "aud".into(),
             timeout: Duration::from_secs(1),
-        }
+        })
     }
 
     #[test]
@@ -416,6 +460,16 @@ mod tests {
 
     #[test]
     fn header_source_has_no_callout() {
-        assert_eq!(request(&SubjectSource::Header { header: "x".into() }), None);
+        let header = SubjectSource::Header(header::Config { header: "x".into() });
+        assert_eq!(request(&header), None);
+        assert!(parse(
+            &header,
+            SourceResponse::Http {
+                status: Some(200),
+                body: b""
+            },
+            0
+        )
+        .is_err());
     }
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use prost::Message;
 
-use super::{SourceCall, SourceError, SourceResponse, MAX_SOURCE_RESPONSE_BYTES};
-use crate::config::SubjectSource;
+use serde::Deserialize;
+
+use super::{Platform, SourceCall, SourceError, SourceResponse, MAX_SOURCE_RESPONSE_BYTES};
+use crate::config::{cluster, identifier, invalid, timeout, ConfigError};
 
 /// `JWTSVIDRequest` from the SPIFFE Workload API's `workload.proto`.
 #[derive(Clone, PartialEq, Message)]
@@ -37,54 +39,109 @@ pub struct JwtSvidResponse {
     pub svids: Vec<JwtSvid>,
 }
 
-pub(super) fn request(
-    cluster: &str,
-    audience: &str,
-    spiffe_id: Option<&str>,
-    timeout: Duration,
-) -> SourceCall {
-    let message = JwtSvidRequest {
-        audience: vec![audience.to_string()],
-        spiffe_id: spiffe_id.unwrap_or_default().to_string(),
-    };
-    SourceCall::Grpc {
-        cluster: cluster.to_string(),
-        service: "SpiffeWorkloadAPI",
-        method: "FetchJWTSVID",
-        metadata: vec![("workload.spiffe.io", b"true".to_vec())],
-        message: message.encode_to_vec(),
-        timeout,
+pub const NAME: &str = "spiffe";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub cluster: String,
+    pub audience: String,
+    /// Which of the workload's SVIDs to use; the first one when unset.
+    pub spiffe_id: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Raw {
+    cluster: String,
+    audience: String,
+    #[serde(default)]
+    spiffe_id: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+impl Config {
+    pub fn from_raw(raw: Raw) -> Result<Config, ConfigError> {
+        let spiffe_id = match raw.spiffe_id {
+            None => None,
+            Some(id) => {
+                let id = identifier("subject_token.spiffe_id", id)?;
+                if !id.starts_with("spiffe://") || id.len() <= "spiffe://".len() {
+                    return Err(invalid(
+                        "subject_token.spiffe_id",
+                        "must be a SPIFFE ID such as spiffe://example.org/workload".into(),
+                    ));
+                }
+                Some(id)
+            }
+        };
+        Ok(Config {
+            cluster: cluster("subject_token.cluster", raw.cluster)?,
+            audience: identifier("subject_token.audience", raw.audience)?,
+            spiffe_id,
+            timeout: timeout("subject_token.timeout_ms", raw.timeout_ms)?,
+        })
     }
 }
 
-pub(super) fn token(
-    source: &SubjectSource,
-    spiffe_id: Option<&str>,
-    response: SourceResponse<'_>,
-) -> Result<String, SourceError> {
-    let message = match response {
-        SourceResponse::Grpc { status: 0, message } => message,
-        SourceResponse::Grpc { status, .. } => {
-            return Err(SourceError::new(
-                source,
-                format!("gRPC status {status} ({})", status_name(status)),
-            ))
-        }
-        SourceResponse::Http { .. } => {
-            return Err(SourceError::new(source, "unexpected HTTP answer"))
-        }
-    };
-    if message.len() > MAX_SOURCE_RESPONSE_BYTES {
-        return Err(SourceError::new(source, "the answer is too large"));
+impl Platform for Config {
+    fn name(&self) -> &'static str {
+        NAME
     }
-    let response = JwtSvidResponse::decode(message)
-        .map_err(|_| SourceError::new(source, "the answer is not a JWTSVIDResponse"))?;
-    let svid = match spiffe_id {
-        Some(id) => response.svids.into_iter().find(|s| s.spiffe_id == id),
-        None => response.svids.into_iter().next(),
-    };
-    svid.map(|s| s.svid)
-        .ok_or_else(|| SourceError::new(source, "the Workload API returned no JWT-SVID"))
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn request(&self) -> SourceCall {
+        let message = JwtSvidRequest {
+            audience: vec![self.audience.clone()],
+            spiffe_id: self.spiffe_id.clone().unwrap_or_default(),
+        };
+        SourceCall::Grpc {
+            cluster: self.cluster.clone(),
+            service: "SpiffeWorkloadAPI",
+            method: "FetchJWTSVID",
+            metadata: vec![("workload.spiffe.io", b"true".to_vec())],
+            message: message.encode_to_vec(),
+            timeout: self.timeout,
+        }
+    }
+
+    fn token(&self, response: SourceResponse<'_>) -> Result<String, SourceError> {
+        let message = match response {
+            SourceResponse::Grpc { status: 0, message } => message,
+            SourceResponse::Grpc { status, .. } => {
+                return Err(SourceError::new(
+                    NAME,
+                    format!("gRPC status {status} ({})", status_name(status)),
+                ))
+            }
+            SourceResponse::Http { .. } => {
+                return Err(SourceError::new(NAME, "unexpected HTTP answer"))
+            }
+        };
+        if message.len() > MAX_SOURCE_RESPONSE_BYTES {
+            return Err(SourceError::new(NAME, "the answer is too large"));
+        }
+        let response = JwtSvidResponse::decode(message)
+            .map_err(|_| SourceError::new(NAME, "the answer is not a JWTSVIDResponse"))?;
+        let svid = match &self.spiffe_id {
+            Some(id) => response.svids.into_iter().find(|s| &s.spiffe_id == id),
+            None => response.svids.into_iter().next(),
+        };
+        svid.map(|s| s.svid)
+            .ok_or_else(|| SourceError::new(NAME, "the Workload API returned no JWT-SVID"))
+    }
+
+    fn identity_parts(&self) -> Vec<&str> {
+        vec![
+            &self.cluster,
+            &self.audience,
+            self.spiffe_id.as_deref().unwrap_or(""),
+        ]
+    }
 }
 
 fn status_name(code: u32) -> &'static str {
@@ -108,11 +165,11 @@ fn status_name(code: u32) -> &'static str {
 mod tests {
     use super::*;
 
-    fn source() -> SubjectSource {
-        SubjectSource::Spiffe {
+    fn source(spiffe_id: Option<&str>) -> Config {
+        Config {
             cluster: "spiffe_workload_api".into(),
             audience: "aud".into(),
-            spiffe_id: None,
+            spiffe_id: spiffe_id.map(str::to_string),
             timeout: Duration::from_secs(1),
         }
     }
@@ -125,12 +182,11 @@ mod tests {
             metadata,
             message,
             ..
-        } = request(
-            "spiffe_workload_api",
-            "https://api.openai.com/v1",
-            Some("spiffe://ex.org/w"),
-            Duration::from_secs(1),
-        )
+        } = Config {
+            audience: "https://api.openai.com/v1".into(),
+            ..source(Some("spiffe://ex.org/w"))
+        }
+        .request()
         else {
             panic!()
         };
@@ -160,72 +216,54 @@ mod tests {
             ],
         }
         .encode_to_vec();
-        let any = token(
-            &source(),
-            None,
-            SourceResponse::Grpc {
+        let any = source(None)
+            .token(SourceResponse::Grpc {
                 status: 0,
                 message: &r,
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         assert_eq!(any, "A");
-        let b = token(
-            &source(),
-            Some("spiffe://ex.org/b"),
-            SourceResponse::Grpc {
+        let b = source(Some("spiffe://ex.org/b"))
+            .token(SourceResponse::Grpc {
                 status: 0,
                 message: &r,
-            },
-        )
-        .unwrap();
+            })
+            .unwrap();
         assert_eq!(b, "B");
-        let e = token(
-            &source(),
-            Some("spiffe://ex.org/c"),
-            SourceResponse::Grpc {
+        let e = source(Some("spiffe://ex.org/c"))
+            .token(SourceResponse::Grpc {
                 status: 0,
                 message: &r,
-            },
-        )
-        .unwrap_err();
+            })
+            .unwrap_err();
         assert!(e.to_string().ends_with("no JWT-SVID"));
     }
 
     #[test]
     fn errors() {
-        let e = token(
-            &source(),
-            None,
-            SourceResponse::Grpc {
+        let e = source(None)
+            .token(SourceResponse::Grpc {
                 status: 14,
                 message: b"",
-            },
-        )
-        .unwrap_err();
+            })
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "could not obtain subject token from spiffe: gRPC status 14 (UNAVAILABLE)"
         );
-        let e = token(
-            &source(),
-            None,
-            SourceResponse::Grpc {
+        let e = source(None)
+            .token(SourceResponse::Grpc {
                 status: 0,
                 message: b"",
-            },
-        )
-        .unwrap_err();
+            })
+            .unwrap_err();
         assert!(e.to_string().ends_with("no JWT-SVID"));
-        let e = token(
-            &source(),
-            None,
-            SourceResponse::Grpc {
+        let e = source(None)
+            .token(SourceResponse::Grpc {
                 status: 0,
                 message: b"\xff\xff\xff",
-            },
-        )
-        .unwrap_err();
+            })
+            .unwrap_err();
         assert!(e.to_string().ends_with("not a JWTSVIDResponse"));
     }
 }
