@@ -3,7 +3,8 @@
 from .envoy import (Envoy, EnvoyError, RawConnection, Response, encode_chunks, encode_request, envoy_binary,
                     http_request, raw_request)
 from .stack import MODULE, ModuleMissing, Stack, bootstrap_parts, default_filter_config, module_path
+from .tls import CertFiles, TestCA
 
 __all__ = ["Envoy", "EnvoyError", "RawConnection", "Response", "encode_chunks", "encode_request", "envoy_binary",
            "http_request", "raw_request", "MODULE", "ModuleMissing", "Stack", "bootstrap_parts",
-           "default_filter_config", "module_path"]
+           "default_filter_config", "module_path", "CertFiles", "TestCA"]

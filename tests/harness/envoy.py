@@ -6,10 +6,13 @@
         envoy.stats()  # {"exchanges_ok": 1, ...} from wasmcustom.openai_wif.*
         envoy.raw_request(encode_request("GET", "/", [(b"Host", b"a\xff")]))  # bytes exactly as given
         envoy.worker_connections()  # {0: 12, 1: 9}: connections each worker accepted
+        envoy.request("GET", "/v1/models", tls=ssl_context)  # HTTPS (mTLS if the context has a client cert)
+        envoy.access_log()  # the gateway's access log lines, parsed (JSON objects, oldest first)
 
 Envoy runs in its own process group with stdin from /dev/null (so signals meant for the test run do
 not reach it), with a dynamic base id (parallel Envoys do not share memory), and writes its log and
-access log to <workdir>/envoy.log. Every wait has a deadline: nothing here can hang a test run.
+access log to <workdir>/envoy.log (access log lines are flushed every 100 ms, not Envoy's default 10 s).
+Every wait has a deadline: nothing here can hang a test run.
 """
 
 from __future__ import annotations
@@ -71,8 +74,29 @@ class Response:
 
 
 def http_request(port: int, method: str, path: str, host: str | None = None, headers: dict | None = None,
-                 body=None, timeout: float = 10.0, address: str = "127.0.0.1") -> Response:
-    """One request on a new connection. A failure to get a response is a Response with an error."""
+                 body=None, timeout: float = 10.0, address: str = "127.0.0.1", tls=None) -> Response:
+    """One request on a new connection. A failure to get a response (a refused TLS handshake too) is
+    a Response with an error. tls: an ssl.SSLContext for HTTPS (with a client certificate: mTLS)."""
+    return _send(_open(port, address, timeout, tls), method, path, host, headers, body, time.monotonic())
+
+
+def _open(port: int, address: str, timeout: float, tls):
+    if tls is None:
+        return http.client.HTTPConnection(address, port, timeout=timeout)
+    return http.client.HTTPSConnection(address, port, timeout=timeout, context=tls)
+
+
+def _connect(connection) -> str | None:
+    """Opens the connection now (TCP, and the TLS handshake); the error text if that failed."""
+    try:
+        connection.connect()
+        return None
+    except (OSError, http.client.HTTPException) as error:
+        connection.close()
+        return f"{type(error).__name__}: {error}"
+
+
+def _send(connection, method: str, path: str, host, headers, body, started: float) -> Response:
     sent = {}
     if host is not None:
         sent["Host"] = host
@@ -83,8 +107,6 @@ def http_request(port: int, method: str, path: str, host: str | None = None, hea
         sent.setdefault("Content-Type", "application/json")
     elif isinstance(body, str):
         body = body.encode()
-    started = time.monotonic()
-    connection = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         connection.request(method, path, body=body, headers=sent)
         reply = connection.getresponse()
@@ -215,13 +237,14 @@ def _headers_of(reply) -> dict:
 
 class Envoy:
     def __init__(self, config_yaml: str, workdir, log_level: str = "info", name: str = "envoy",
-                 startup_timeout_s: float = 30.0, concurrency: int = 2):
+                 startup_timeout_s: float = 30.0, concurrency: int = 2, file_flush_interval_ms: int = 100):
         self.config_yaml = config_yaml
         self.workdir = Path(workdir)
         self.log_level = log_level
         self.name = name
         self.startup_timeout_s = startup_timeout_s
         self.concurrency = concurrency
+        self.file_flush_interval_ms = file_flush_interval_ms
         self.process: subprocess.Popen | None = None
         self.admin_port: int | None = None
         self.ports: dict = {}  # listener name -> bound port
@@ -242,6 +265,7 @@ class Envoy:
         self._log_file = open(self.log_path, "ab")
         command = [envoy_binary(), "-c", str(self.config_path), "--concurrency", str(self.concurrency),
                    "--use-dynamic-base-id", "-l", self.log_level, "--drain-time-s", "0",
+                   "--file-flush-interval-msec", str(self.file_flush_interval_ms),
                    "--admin-address-path", str(self._admin_address_path)]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -327,13 +351,16 @@ class Envoy:
         return f"http://127.0.0.1:{self.port}"
 
     def request(self, method: str, path: str, host: str | None = "api.openai.com", headers: dict | None = None,
-                body=None, timeout: float = 10.0) -> Response:
-        """A request to the gateway. body: bytes, str, or a dict/list sent as JSON."""
-        return http_request(self.port, method, path, host, headers, body, timeout)
+                body=None, timeout: float = 10.0, tls=None) -> Response:
+        """A request to the gateway. body: bytes, str, or a dict/list sent as JSON. tls: an
+        ssl.SSLContext for HTTPS (see tests/harness/tls.py)."""
+        return http_request(self.port, method, path, host, headers, body, timeout, tls=tls)
 
     def burst(self, n: int, method: str = "GET", path: str = "/v1/models", host: str | None = "api.openai.com",
-              headers=None, body=None, timeout: float = 30.0) -> list:
-        """n concurrent requests released together; headers may be a function of the request index.
+              headers=None, body=None, timeout: float = 30.0, tls=None) -> list:
+        """n concurrent requests released together; headers and tls (an ssl.SSLContext, or None for
+        plain HTTP) may be functions of the request index. Each request opens its own connection (and
+        TLS handshake) before the barrier, so the requests themselves leave together.
 
         Returns the n responses in index order; requests that got no response carry an error.
         """
@@ -341,12 +368,19 @@ class Envoy:
         results: list = [None] * n
 
         def one(index: int):
+            context = tls(index) if callable(tls) else tls
+            connection = _open(self.port, "127.0.0.1", timeout, context)
+            started = time.monotonic()
+            failed = _connect(connection)
             try:
                 barrier.wait(timeout=timeout)
             except threading.BrokenBarrierError:
                 pass  # start anyway: a broken barrier must not turn into missing results
+            if failed is not None:
+                results[index] = Response(None, error=failed, elapsed_s=time.monotonic() - started)
+                return
             request_headers = headers(index) if callable(headers) else headers
-            results[index] = self.request(method, path, host, request_headers, body, timeout)
+            results[index] = _send(connection, method, path, host, request_headers, body, time.monotonic())
 
         threads = [threading.Thread(target=one, args=(i,), daemon=True, name=f"burst-{i}") for i in range(n)]
         for thread in threads:
@@ -416,6 +450,29 @@ class Envoy:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def access_log(self) -> list:
+        """The gateway's access log (tools/envoy_config.ACCESS_LOG_FORMAT: one JSON object a line on
+        stdout, which shares envoy.log with Envoy's own log), parsed, oldest first."""
+        entries = []
+        for line in self.log_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and "response_code_details" in entry:
+                entries.append(entry)
+        return entries
+
+    def wait_for_access_log(self, count: int, since: int = 0, timeout_s: float = 10.0, where=None) -> list:
+        """The access log entries after the first `since`, once at least `count` of them (matching
+        `where`, a predicate, if given) have been written; EnvoyError after timeout_s."""
+        def enough():
+            entries = [e for e in self.access_log()[since:] if where is None or where(e)]
+            return entries if len(entries) >= count else None
+        return self.wait_for(enough, timeout_s=timeout_s, what=f"{count} access log lines")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])

@@ -153,8 +153,8 @@ class Stack:
         return self.envoy
 
     def request(self, method: str, path: str, host: str | None = "api.openai.com", headers: dict | None = None,
-                body=None, timeout: float = 10.0):
-        return self.envoy.request(method, path, host, headers, body, timeout)
+                body=None, timeout: float = 10.0, tls=None):
+        return self.envoy.request(method, path, host, headers, body, timeout, tls=tls)
 
     def burst(self, n: int, *args, **kwargs):
         return self.envoy.burst(n, *args, **kwargs)
