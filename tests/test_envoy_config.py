@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tests.harness import Stack, http_request
+from tests.harness import Stack, TestCA, envoy_binary, http_request
 from tools import envoy_config
 from tools.envoy_config import API_CLUSTER, AUTH_CLUSTER, EXAMPLES, FILTER_NAME, SOURCE_CLUSTER, SOURCES, build
 
@@ -188,6 +189,162 @@ def test_spiffe_cluster_is_http2_over_the_agent_socket():
     assert endpoint["address"] == {"pipe": {"path": "/run/spire/agent.sock"}}
     options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+
+
+# Access log: who used which identity, and never a credential
+
+# The only request headers an access log format may name; every other one may carry a credential
+# (authorization, the subject-token header, x-forwarded-client-cert, cookies, api keys).
+LOGGABLE_HEADERS = {":method", ":authority", "x-request-id"}
+CREDENTIAL_WORDS = ("authorization", "subject-token", "subject_token", "x-forwarded-client-cert", "cookie",
+                    "api-key", "api_key", "bearer", "token")
+HEADER_OPERATOR = re.compile(r"%(REQ|RESP|TRAILER|REQ_WITHOUT_QUERY|REQUEST_HEADER|RESPONSE_HEADER|"
+                             r"RESPONSE_TRAILER)\(([^)]*)\)(:\d+)?%")
+
+
+def access_logs(bootstrap: dict, listener: str = envoy_config.GATEWAY_LISTENER) -> list:
+    hcm = listeners(bootstrap)[listener]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm.get("access_log", [])
+
+
+def access_log_format(bootstrap: dict) -> dict:
+    (log,) = access_logs(bootstrap)
+    assert log["name"] == "envoy.access_loggers.stdout"
+    config = log["typed_config"]
+    assert config["@type"] == "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+    assert set(config["log_format"]) == {"json_format"}
+    return config["log_format"]["json_format"]
+
+
+def assert_no_credential_in_format(fmt: dict):
+    for key, value in fmt.items():
+        assert isinstance(value, str), (key, value)
+        for operator, argument, _ in HEADER_OPERATOR.findall(value):
+            names = {name.lower() for name in argument.split("?")}
+            assert names <= LOGGABLE_HEADERS, f"{key}: %{operator}({argument})% can carry a credential"
+        words = value.lower().replace("%filter_state(wasm.openai_wif.", "")  # the filter's own field names
+        for word in CREDENTIAL_WORDS:
+            assert word not in words and word not in key.lower(), (key, value)
+        # The query string can carry anything a client put there: paths are logged without it.
+        assert "%REQ(:PATH)%" not in value.upper() and "X-ENVOY-ORIGINAL-PATH" not in value.upper()
+        for whole in ("%DOWNSTREAM_PEER_CERT%", "%DYNAMIC_METADATA", "%REQ_WITHOUT_QUERY"):
+            assert whole not in value.upper(), (key, value)
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_gateway_access_log_prints_who_used_which_identity_and_what_came_of_it(filename):
+    fmt = access_log_format(example(filename))
+    for name in ("caller", "rule", "service_account_id", "identity", "cache", "error"):
+        assert fmt[name] == f"%FILTER_STATE(wasm.openai_wif.{name}:PLAIN)%"
+    assert fmt["peer"] == "%DOWNSTREAM_PEER_URI_SAN%"
+    assert fmt["status"] == "%RESPONSE_CODE%"
+    assert fmt["response_code_details"] == "%RESPONSE_CODE_DETAILS%"
+    assert fmt["path"] == "%PATH(NQ:ORIG_OR_PATH)%"
+    assert fmt == envoy_config.ACCESS_LOG_FORMAT
+
+
+@pytest.mark.parametrize("filename", ALL_EXAMPLES)
+def test_gateway_access_log_names_no_header_that_can_carry_a_credential(filename):
+    bootstrap = example(filename)
+    assert_no_credential_in_format(access_log_format(bootstrap))
+    # The token-file listener (it serves the gateway's subject token) logs nothing at all.
+    if envoy_config.TOKEN_LISTENER in listeners(bootstrap):
+        assert access_logs(bootstrap, envoy_config.TOKEN_LISTENER) == []
+
+
+def test_the_credential_check_catches_a_credential_header():
+    for bad in ("%REQ(AUTHORIZATION)%", "%REQ(x-openai-subject-token)%", "%REQ(X-FORWARDED-CLIENT-CERT)%",
+                "%REQ(:PATH)%", "%REQ(X-REQUEST-ID?AUTHORIZATION)%", "%RESP(set-cookie)%", "%TRAILER(authorization)%",
+                "%REQ(api-key):20%", "%DOWNSTREAM_PEER_CERT%"):
+        with pytest.raises(AssertionError):
+            assert_no_credential_in_format({"x": bad})
+    assert_no_credential_in_format(envoy_config.ACCESS_LOG_FORMAT)
+
+
+def test_access_log_can_be_left_out():
+    bootstrap = build("local", "header", **{**LOCAL_PORTS, "access_log": False})
+    assert access_logs(bootstrap) == []
+
+
+# mTLS on the gateway listener, XFCC, the VM's environment
+
+TLS_FILES = {"downstream_cert": "/tmp/tls/tls.crt", "downstream_key": "/tmp/tls/tls.key",
+             "downstream_ca": "/tmp/tls/ca.crt"}
+
+
+def downstream_tls(bootstrap: dict) -> dict:
+    (chain,) = listeners(bootstrap)[envoy_config.GATEWAY_LISTENER]["filter_chains"]
+    socket = chain["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    assert socket["typed_config"]["@type"] == (
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext")
+    return socket["typed_config"]
+
+
+@pytest.mark.parametrize("require", [True, False])
+@pytest.mark.parametrize("profile", envoy_config.PROFILES)
+def test_gateway_listener_terminates_mtls_verifying_clients_against_the_ca(profile, require):
+    kwargs = {**(LOCAL_PORTS if profile == "local" else {}), **TLS_FILES, "downstream_tls": True,
+              "require_client_certificate": require}
+    tls = downstream_tls(build(profile, "kubernetes", **kwargs))
+    assert tls["require_client_certificate"] is require
+    common = tls["common_tls_context"]
+    assert common["tls_certificates"] == [{"certificate_chain": {"filename": "/tmp/tls/tls.crt"},
+                                           "private_key": {"filename": "/tmp/tls/tls.key"}}]
+    # Without require_client_certificate the validation context still verifies any certificate presented.
+    assert common["validation_context"] == {"trusted_ca": {"filename": "/tmp/tls/ca.crt"}}
+    assert common["tls_params"] == {"tls_minimum_protocol_version": "TLSv1_2"}
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]
+    text = envoy_config.render(profile, "kubernetes", **kwargs).lower()
+    for weakness in ("accept_untrusted", "allow_expired_certificate", "trust_chain_verification"):
+        assert weakness not in text
+
+
+def test_plain_http_listener_by_default_and_in_every_example():
+    assert "transport_socket" not in listeners(build("local", "header", **LOCAL_PORTS))[
+        envoy_config.GATEWAY_LISTENER]["filter_chains"][0]
+    for filename in ALL_EXAMPLES:
+        (chain,) = listeners(example(filename))[envoy_config.GATEWAY_LISTENER]["filter_chains"]
+        assert "transport_socket" not in chain
+
+
+def test_xfcc_is_sanitised_by_default_and_when_forwarded_never_reaches_openai():
+    default = build("local", "header", **LOCAL_PORTS)
+    assert "forward_client_cert_details" not in gateway_hcm(default)  # Envoy's default: SANITIZE
+    assert "x-forwarded-client-cert" not in json.dumps(default)
+    forwarded = build("local", "header", forward_client_cert="ALWAYS_FORWARD_ONLY", **LOCAL_PORTS)
+    assert gateway_hcm(forwarded)["forward_client_cert_details"] == "ALWAYS_FORWARD_ONLY"
+    api_route, = virtual_hosts(forwarded)["openai_api"]["routes"]
+    assert api_route["request_headers_to_remove"] == ["x-forwarded-client-cert"]
+
+
+def test_vm_environment_variables():
+    vm = wasm(build("local", "header", vm_env={"OPENAI_IDENTITY_PROVIDER_ID": "wip_x"},
+                    vm_env_keys=["OPENAI_SERVICE_ACCOUNT_ID"], **LOCAL_PORTS))["vm_config"]
+    assert vm["environment_variables"] == {"host_env_keys": ["OPENAI_SERVICE_ACCOUNT_ID"],
+                                           "key_values": {"OPENAI_IDENTITY_PROVIDER_ID": "wip_x"}}
+    for filename in ALL_EXAMPLES:
+        assert "environment_variables" not in wasm(example(filename))["vm_config"]
+
+
+def test_production_gateway_with_mtls_passes_envoy_validate(tmp_path):
+    """envoy --mode validate loads the certificates and the module: the mTLS listener, the access log
+    format, XFCC forwarding and the VM environment are all accepted by Envoy itself."""
+    from tools.validate import MODULE
+    if not MODULE.is_file():
+        pytest.skip("the module is not built (make build)")
+    ca = TestCA(tmp_path / "pki")
+    server = ca.server()
+    text = envoy_config.render("production", "header", module=str(MODULE), downstream_tls=True,
+                               downstream_cert=server.cert, downstream_key=server.key, downstream_ca=ca.ca_file,
+                               require_client_certificate=False, forward_client_cert="ALWAYS_FORWARD_ONLY",
+                               vm_env={"OPENAI_SERVICE_ACCOUNT_ID": "sa_x"})
+    config = tmp_path / "gateway.yaml"
+    config.write_text(text)
+    result = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config), "-l", "error",
+                             "--use-dynamic-base-id"], capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
 def test_admin_listens_on_loopback_only():
@@ -387,3 +544,53 @@ def test_each_source_obtains_a_token_through_its_cluster(source, make_stack, sta
     denied = stack.request("GET", "/v1/models", host="example.com", headers=headers)
     assert denied.status == 403
     assert standins.openai.exchanges == 1
+
+
+def test_mtls_listener_and_access_log_in_a_real_envoy_without_the_filter(tmp_path, standins):
+    """The gateway listener with mTLS, routing alone: a client certificate from the CA is verified and
+    its SPIFFE ID printed in the access log; a certificate from another CA, or none where one is
+    required, or plain HTTP, never gets a request through. Envoy's default removes a client's
+    x-forwarded-client-cert before any filter; with ALWAYS_FORWARD_ONLY it reaches the filters but
+    never OpenAI. No credential a request carries reaches the access log."""
+    ca = TestCA(tmp_path / "pki")
+    rogue = TestCA(tmp_path / "pki", name="another CA")
+    spiffe_id = "spiffe://cluster.local/ns/ai/sa/inference"
+    client, impostor = ca.client(spiffe_id), rogue.client(spiffe_id)
+    secrets = {"Authorization": "Bearer sk-never-logged", "x-openai-subject-token": "subject-never-logged",
+               "x-forwarded-client-cert": "By=spiffe://gw;URI=spiffe://cluster.local/ns/forged/sa/x"}
+
+    with Stack("kubernetes", tmp_path / "required", standins=standins, with_filter=False,
+               **ca.listener_overrides(require_client_certificate=True)) as stack:
+        reached = stack.request("GET", "/v1/models?api_key=query-never-logged", headers=secrets,
+                                tls=ca.client_context(client))
+        assert reached.status == 401, reached  # the API stand-in: no filter, no token
+        echoed = stack.request("GET", "/x", host="other.example", headers=secrets, tls=ca.client_context(client))
+        assert echoed.status == 200 and "x-forwarded-client-cert" not in echoed.json()["headers"]
+        for refused in (stack.request("GET", "/v1/models", tls=ca.client_context(None)),
+                        stack.request("GET", "/v1/models", tls=rogue.client_context(impostor, server_ca=ca.ca_file)),
+                        stack.request("GET", "/v1/models")):
+            assert refused.status is None, refused
+        entries = stack.envoy.wait_for_access_log(2)
+        assert len(standins.openai.api_requests) == 1 and len(standins.openai.echo_requests) == 1
+        first = entries[0]
+        assert (first["peer"], first["status"], first["path"], first["method"]) == (spiffe_id, 401, "/v1/models", "GET")
+        assert first["response_code_details"] == "via_upstream"
+        assert all(first[name] is None for name in envoy_config.FILTER_STATE_FIELDS)
+        assert entries[1]["path"] == "/x" and entries[1]["peer"] == spiffe_id
+        log = stack.envoy.log_text()
+        for value in ("sk-never-logged", "subject-never-logged", "query-never-logged", "ns/forged"):
+            assert value not in log
+
+    with Stack("kubernetes", tmp_path / "optional", standins=standins, with_filter=False,
+               forward_client_cert="ALWAYS_FORWARD_ONLY",
+               **ca.listener_overrides(require_client_certificate=False)) as stack:
+        standins.openai.reset()
+        without = stack.request("GET", "/v1/models", headers=secrets, tls=ca.client_context(None))
+        assert without.status == 401, without
+        assert "x-forwarded-client-cert" not in standins.openai.api_requests[-1][2]  # removed on the OpenAI route
+        echoed = stack.request("GET", "/x", host="other.example", headers=secrets, tls=ca.client_context(None))
+        assert echoed.json()["headers"]["x-forwarded-client-cert"] == secrets["x-forwarded-client-cert"]
+        impostor_response = stack.request("GET", "/v1/models", tls=rogue.client_context(impostor, server_ca=ca.ca_file))
+        assert impostor_response.status is None, impostor_response  # presented, so verified, and refused
+        entries = stack.envoy.wait_for_access_log(2)
+        assert entries[0]["peer"] is None and entries[0]["status"] == 401

@@ -98,6 +98,26 @@ class Params:
     # (tests: proves that the filter passes requests for other hosts untouched). None: no such host.
     echo_host: str | None = None
     access_log: bool = True
+    # mTLS on the gateway listener: Envoy terminates TLS with downstream_cert/downstream_key and
+    # verifies a client certificate against downstream_ca (the filter's caller rules match its SPIFFE
+    # ID). require_client_certificate=False also accepts a connection without a client certificate
+    # (a certificate that is presented is still verified): the filter then refuses the request
+    # itself, naming the missing certificate. False: plain HTTP.
+    downstream_tls: bool = False
+    downstream_cert: str = "/etc/envoy/tls/tls.crt"
+    downstream_key: str = "/etc/envoy/tls/tls.key"
+    downstream_ca: str = "/etc/envoy/tls/ca.crt"
+    require_client_certificate: bool = True
+    # The HTTP connection manager's forward_client_cert_details (None: Envoy's default, SANITIZE,
+    # which removes an incoming x-forwarded-client-cert before any filter sees it). Behind a hop
+    # that terminates mTLS and sets the header (with "caller_identity": "x-forwarded-client-cert"):
+    # ALWAYS_FORWARD_ONLY. The header is never forwarded to OpenAI.
+    forward_client_cert: str | None = None
+    # Environment variables of the filter's VM (vm_config.environment_variables.key_values), e.g.
+    # OPENAI_IDENTITY_PROVIDER_ID / OPENAI_SERVICE_ACCOUNT_ID; vm_env_keys: names passed through from
+    # Envoy's own environment (host_env_keys).
+    vm_env: dict | None = None
+    vm_env_keys: tuple = ()
     # Which platform the comments talk about (only changes comments).
     platform: str | None = None
 
@@ -130,7 +150,7 @@ def params(profile: str, **overrides) -> Params:
         port = overrides.pop("openai_port")
         values.update(api_port=port, auth_port=port)
     values.update(overrides)
-    for name in ("api_hosts", "identity_clusters"):
+    for name in ("api_hosts", "identity_clusters", "vm_env_keys"):
         if values.get(name) is not None:
             values[name] = tuple(values[name])
     return Params(**values)  # an unknown override is a TypeError naming it
@@ -304,11 +324,52 @@ def _tcp_cluster(name: str, address: str, port: int, connect_timeout: str, tls_h
     return cluster
 
 
-def _hcm(stat_prefix: str, route_config: dict, http_filters: list, access_log: bool) -> dict:
+# The gateway's access log: one JSON object per request on stdout. Who called (the verified peer
+# certificate's URI SAN, and the caller, rule, OpenAI service account and identity the filter chose),
+# what was asked (method, authority, path without the query string), and what came of it (status,
+# Envoy's response code details, the filter's error code, whether the token came from the cache).
+# Never a request or response header that can carry a credential (authorization, the subject-token
+# header, x-forwarded-client-cert, cookies), and never the query string.
+FILTER_STATE_FIELDS = ("caller", "rule", "service_account_id", "identity", "cache", "error")
+ACCESS_LOG_FORMAT = {
+    "start_time": "%START_TIME%",
+    "method": "%REQ(:METHOD)%",
+    "authority": "%REQ(:AUTHORITY)%",
+    "path": "%PATH(NQ:ORIG_OR_PATH)%",
+    "protocol": "%PROTOCOL%",
+    "status": "%RESPONSE_CODE%",
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "duration_ms": "%DURATION%",
+    "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+    "downstream": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    **{name: f"%FILTER_STATE(wasm.openai_wif.{name}:PLAIN)%" for name in FILTER_STATE_FIELDS},
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+}
+
+
+def _access_log(note=None) -> list:
+    logger = {"name": "envoy.access_loggers.stdout", "typed_config": _typed(
+        "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+        log_format={"json_format": dict(ACCESS_LOG_FORMAT)})}
+    if note:
+        logger = {note: None, **logger}
+    return [logger]
+
+
+def _hcm(stat_prefix: str, route_config: dict, http_filters: list, access_log: bool, note=None,
+         forward_client_cert: str | None = None) -> dict:
     config = {"stat_prefix": stat_prefix, "codec_type": "AUTO"}
     if access_log:
-        config["access_log"] = [{"name": "envoy.access_loggers.stdout", "typed_config": _typed(
-            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog")}]
+        config["access_log"] = _access_log(note("""\
+            One JSON line per request: the caller (verified peer certificate), the rule, OpenAI service
+            account and identity the filter used, the cache outcome, and the error code of a refusal,
+            with status and path (no query string). Never a header that can carry a credential.""")
+                                           if note else None)
+    if forward_client_cert:
+        config["forward_client_cert_details"] = forward_client_cert
     config.update({"route_config": route_config, "http_filters": http_filters})
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager", **config)}
@@ -339,6 +400,35 @@ def _error_json(message: str, code: str) -> str:
 # The bootstrap
 
 
+def _vm_config(p: Params) -> dict:
+    vm = {"vm_id": "openai_wif", "runtime": "envoy.wasm.runtime.v8", "code": {"local": {"filename": p.module}}}
+    environment = {}
+    if p.vm_env_keys:
+        environment["host_env_keys"] = list(p.vm_env_keys)
+    if p.vm_env:
+        environment["key_values"] = {str(k): str(v) for k, v in p.vm_env.items()}
+    if environment:
+        vm["environment_variables"] = environment
+    return vm
+
+
+def _downstream_tls(p: Params) -> dict:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            require_client_certificate=p.require_client_certificate,
+            common_tls_context={
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [{"certificate_chain": {"filename": p.downstream_cert},
+                                      "private_key": {"filename": p.downstream_key}}],
+                "validation_context": {"trusted_ca": {"filename": p.downstream_ca}},
+            },
+        ),
+    }
+
+
 def _wasm_filter(p: Params, config: dict, note) -> dict:
     return {
         note("""\
@@ -353,11 +443,7 @@ def _wasm_filter(p: Params, config: dict, note) -> dict:
             "name": "openai_wif",
             "root_id": "openai_wif",
             "failure_policy": "FAIL_RELOAD",
-            "vm_config": {
-                "vm_id": "openai_wif",
-                "runtime": "envoy.wasm.runtime.v8",
-                "code": {"local": {"filename": p.module}},
-            },
+            "vm_config": _vm_config(p),
             "configuration": _typed("google.protobuf.StringValue",
                                     value=_Literal(json.dumps(config, indent=2) + "\n")),
         }),
@@ -377,6 +463,9 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
             "idle_timeout": "300s",
         },
     }
+    if p.forward_client_cert:
+        api_route[note("The callers' certificate details stay in the mesh: never sent to OpenAI.")] = None
+        api_route["request_headers_to_remove"] = ["x-forwarded-client-cert"]
     deny_route = {
         "match": {"prefix": "/"},
         "direct_response": {"status": 403, "body": {"inline_string": _error_json(
@@ -408,22 +497,38 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
     })
     route_config = {"name": "openai_egress", "virtual_hosts": virtual_hosts}
     http_filters = ([_wasm_filter(p, config, note)] if p.module else []) + [_router()]
-    chain = {
-        note("""\
-            Plain HTTP from the mesh. To require mTLS from clients, add a transport_socket here:
-              transport_socket:
-                name: envoy.transport_sockets.tls
-                typed_config:
-                  "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-                  require_client_certificate: true
-                  common_tls_context:
-                    tls_certificates: [{certificate_chain: {filename: /etc/envoy/tls/tls.crt},
-                                        private_key: {filename: /etc/envoy/tls/tls.key}}]
-                    validation_context: {trusted_ca: {filename: /etc/envoy/tls/ca.crt}}
-            Whoever can reach this listener can use the gateway's OpenAI identity (for the
-            header source: any identity they hold a token for), so restrict who can reach it."""): None,
-        "filters": [_hcm("openai_egress", route_config, http_filters, p.access_log)],
-    }
+    hcm = _hcm("openai_egress", route_config, http_filters, p.access_log, note, p.forward_client_cert)
+    if p.downstream_tls:
+        chain = {
+            note("""\
+                mTLS from the mesh: a client certificate signed by downstream_ca is verified here, and
+                the filter's "callers" rules match its SPIFFE ID (URI SAN) to decide who may use which
+                OpenAI service account."""
+                 + ("" if p.require_client_certificate else """
+                A connection without a client certificate is accepted (a presented one is still
+                verified); with "callers" set the filter refuses its requests (caller_not_allowed).""")): None,
+            "transport_socket": _downstream_tls(p),
+            "filters": [hcm],
+        }
+    else:
+        chain = {
+            note("""\
+                Plain HTTP from the mesh. To require mTLS from clients, add a transport_socket here:
+                  transport_socket:
+                    name: envoy.transport_sockets.tls
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+                      require_client_certificate: true
+                      common_tls_context:
+                        tls_certificates: [{certificate_chain: {filename: /etc/envoy/tls/tls.crt},
+                                            private_key: {filename: /etc/envoy/tls/tls.key}}]
+                        validation_context: {trusted_ca: {filename: /etc/envoy/tls/ca.crt}}
+                and give each calling workload its own OpenAI service account with "callers" rules on
+                its SPIFFE ID (README). Whoever can reach this listener can use the gateway's OpenAI
+                identity (for the header source: any identity they hold a token for), so restrict who
+                can reach it."""): None,
+            "filters": [hcm],
+        }
     return {"name": GATEWAY_LISTENER, "address": _socket(p.listen_address, p.listen_port), "filter_chains": [chain]}
 
 
