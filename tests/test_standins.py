@@ -776,3 +776,42 @@ def test_standins_run_as_a_process_for_the_demo(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
+
+
+def test_team_service_accounts_are_mapped_for_the_gateway_and_for_each_teams_own_tokens(tmp_path):
+    """The accounts the caller-rule tests give to teams: sa_inference and sa_batch for the gateway's
+    own projected token (at wip_k8s, and sa_batch alone at a second provider for the same issuer),
+    and for the header source each team's own service account tokens, by namespace."""
+    from tests.standins import BATCH_PROVIDER, K8S_SUB, TEAM_ACCOUNTS
+
+    assert TEAM_ACCOUNTS == ("sa_inference", "sa_batch")
+    with Standins.start_all(tmp_path) as standins:
+        port = standins.openai.port
+
+        def exchange(token, provider, account):
+            status, _, body = call(port, "POST", "/oauth/token", exchange_body(
+                token, identity_provider_id=provider, service_account_id=account))
+            if status != 200:
+                return standins.openai.last_rejection
+            record = standins.openai.issued[json.loads(body)["access_token"]]
+            assert (record["identity_provider_id"], record["service_account_id"]) == (provider, account)
+            return record["sub"]
+
+        gateway = standins.token_dir.current()
+        for provider, account in (("wip_k8s", "sa_k8s"), ("wip_k8s", "sa_inference"), ("wip_k8s", "sa_batch"),
+                                  (BATCH_PROVIDER, "sa_batch")):
+            assert exchange(gateway, provider, account) == K8S_SUB, (provider, account)
+        assert exchange(gateway, BATCH_PROVIDER, "sa_inference") == "unknown_service_account"
+        assert exchange(gateway, BATCH_PROVIDER, "sa_k8s") == "unknown_service_account"
+
+        inference = "system:serviceaccount:ai:inference"
+        job = "system:serviceaccount:batch:job"
+        assert exchange(standins.subject_token(inference), "wip_header", "sa_inference") == inference
+        assert exchange(standins.subject_token(job), "wip_header", "sa_batch") == job
+        for sub, account in ((job, "sa_inference"), (inference, "sa_batch"),
+                             ("system:serviceaccount:default:app", "sa_inference"),
+                             ("system:serviceaccount:aix:inference", "sa_inference"),
+                             ("system:serviceaccount:batchy:job", "sa_batch")):
+            assert exchange(standins.subject_token(sub), "wip_header", account) == "no_matching_mapping", sub
+        # The default account still maps only the default namespace.
+        assert exchange(standins.subject_token(inference), "wip_header", "sa_header") == "no_matching_mapping"

@@ -9,6 +9,16 @@ Provider per platform, so the token endpoint accepts subject tokens from each of
     gcp       wip_gcp      sa_gcp           standins.gcp (metadata server)
     azure     wip_azure    sa_azure         standins.azure (IMDS)
     spiffe    wip_spiffe   sa_spiffe        standins.spiffe (Workload API on a unix socket)
+
+Per-team service accounts (the gateway's caller rules give each team its own):
+
+    provider       service account  mapped for
+    wip_k8s        sa_inference     the gateway's projected token (K8S_SUB)
+    wip_k8s        sa_batch         the gateway's projected token (K8S_SUB)
+    wip_k8s_batch  sa_batch         the gateway's projected token (K8S_SUB): a second provider for
+                                    the same issuer, for rules that name their own provider
+    wip_header     sa_inference     subject tokens of system:serviceaccount:ai:*
+    wip_header     sa_batch         subject tokens of system:serviceaccount:batch:*
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ GCP_SUB = "110123456789012345678"
 GCP_EMAIL = "openai-wif@my-project.iam.gserviceaccount.com"
 K8S_SUB = "system:serviceaccount:default:openai-wif"
 SPIFFE_ID = "spiffe://example.com/ns/inference/sa/worker"
+TEAM_ACCOUNTS = ("sa_inference", "sa_batch")
+BATCH_PROVIDER = "wip_k8s_batch"
 
 
 @dataclass(frozen=True)
@@ -62,8 +74,11 @@ class Standins:
             "spiffe": Wiring("wip_spiffe", "sa_spiffe", OPENAI_AUDIENCE, self.issuers["spiffe"].iss),
         }
         mappings = {
-            "header": [mapping("sa_header", sub="system:serviceaccount:default:*")],
-            "k8s": [mapping("sa_k8s", sub=K8S_SUB)],
+            "header": [mapping("sa_header", sub="system:serviceaccount:default:*"),
+                       mapping("sa_inference", sub="system:serviceaccount:ai:*"),
+                       mapping("sa_batch", sub="system:serviceaccount:batch:*")],
+            "k8s": [mapping("sa_k8s", sub=K8S_SUB), mapping("sa_inference", sub=K8S_SUB),
+                    mapping("sa_batch", sub=K8S_SUB)],
             "gcp": [mapping("sa_gcp", sub=GCP_SUB)],
             "azure": [mapping("sa_azure", appid=DEFAULT_IDENTITY["client_id"], tid=DEFAULT_TENANT)],
             "spiffe": [mapping("sa_spiffe", sub="spiffe://example.com/ns/inference/sa/*")],
@@ -72,6 +87,8 @@ class Standins:
         for platform, wiring in self.wiring.items():
             self.openai.add_provider(wiring.identity_provider_id, self.issuers[platform], wiring.audience,
                                      mappings[platform])
+        self.openai.add_provider(BATCH_PROVIDER, self.issuers["k8s"], OPENAI_AUDIENCE,
+                                 [mapping("sa_batch", sub=K8S_SUB)])
         self.gcp = GcpMetadataStandin(self.issuers["gcp"], GCP_SUB, GCP_EMAIL)
         self.azure = AzureImdsStandin(self.issuers["azure"], DEFAULT_TENANT, [DEFAULT_IDENTITY])
         self.token_dir = ProjectedTokenDir(os.path.join(self.workdir, "serviceaccount"), self.issuers["k8s"],
@@ -124,4 +141,5 @@ class Standins:
 
 
 __all__ = ["Standins", "Wiring", "Issuer", "OpenAIStandin", "GcpMetadataStandin", "AzureImdsStandin",
-           "SpiffeStandin", "ProjectedTokenDir", "OPENAI_AUDIENCE", "AZURE_RESOURCE"]
+           "SpiffeStandin", "ProjectedTokenDir", "OPENAI_AUDIENCE", "AZURE_RESOURCE", "TEAM_ACCOUNTS",
+           "BATCH_PROVIDER", "K8S_SUB"]
