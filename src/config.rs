@@ -15,8 +15,13 @@ use crate::subject::{self, RawSource};
 /// The validated configuration, shared read-only by every context of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    pub identity_provider_id: String,
-    pub service_account_id: String,
+    /// The OpenAI identity the gateway acts as when no caller rule says otherwise.
+    pub account: Account,
+    /// Which of the account's ids came from the VM's environment (for the startup log).
+    pub account_from_env: Vec<&'static str>,
+    /// Caller rules; `None` when any caller may use `account`.
+    pub callers: Option<Vec<crate::callers::Rule>>,
+    pub caller_source: crate::callers::CallerSource,
     pub subject: SubjectSource,
     pub subject_token_type: SubjectTokenType,
     pub token_endpoint: TokenEndpoint,
@@ -27,6 +32,17 @@ pub struct Config {
     pub upstream_clusters: Option<Vec<String>>,
     pub limits: Limits,
 }
+
+/// An OpenAI Workload Identity Provider and a service account: what an exchange asks for.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Account {
+    pub identity_provider_id: String,
+    pub service_account_id: String,
+}
+
+/// The environment variables the OpenAI guides use for the two ids.
+pub const PROVIDER_ENV: &str = "OPENAI_IDENTITY_PROVIDER_ID";
+pub const SERVICE_ACCOUNT_ENV: &str = "OPENAI_SERVICE_ACCOUNT_ID";
 
 /// Which requests the filter authorises.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,7 +159,7 @@ pub enum ConfigError {
     #[error("configuration is not valid JSON for this filter at `{field}`: {reason}")]
     Syntax { field: String, reason: String },
     #[error("configuration field `{field}` {reason}")]
-    Invalid { field: &'static str, reason: String },
+    Invalid { field: String, reason: String },
 }
 
 const DEFAULT_TOKEN_AUTHORITY: &str = "auth.openai.com";
@@ -155,8 +171,14 @@ const DEFAULT_HOST: &str = "api.openai.com";
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    identity_provider_id: String,
-    service_account_id: String,
+    #[serde(default)]
+    identity_provider_id: Option<String>,
+    #[serde(default)]
+    service_account_id: Option<String>,
+    #[serde(default)]
+    callers: Option<Vec<crate::callers::RawRule>>,
+    #[serde(default)]
+    caller_identity: Option<String>,
     #[serde(default)]
     subject_token: Option<RawSource>,
     #[serde(default)]
@@ -198,8 +220,17 @@ struct RawTokenEndpoint {
 }
 
 impl Config {
-    /// Parses and validates the plugin configuration.
+    /// Parses and validates the plugin configuration, with no environment to fall back on.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        Self::parse_with_env(bytes, &|_| None)
+    }
+
+    /// Parses and validates the plugin configuration; ids it omits come from `env` (the VM's
+    /// environment variables).
+    pub fn parse_with_env(
+        bytes: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let raw: RawConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let field = e.path().to_string();
@@ -212,16 +243,58 @@ impl Config {
                 reason: e.into_inner().to_string(),
             }
         })?;
-        raw.try_into()
+        Self::validate(raw, env)
     }
-}
 
-impl TryFrom<RawConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let identity_provider_id = identifier("identity_provider_id", raw.identity_provider_id)?;
-        let service_account_id = identifier("service_account_id", raw.service_account_id)?;
+    fn validate(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut account_from_env = Vec::new();
+        let mut id = |field: &'static str, value: Option<String>, var: &'static str| {
+            let value = match value {
+                Some(v) => v,
+                None => {
+                    let v = env(var).ok_or_else(|| {
+                        invalid(
+                            field,
+                            format!("is required (in the configuration or as the VM environment variable {var})"),
+                        )
+                    })?;
+                    account_from_env.push(var);
+                    v
+                }
+            };
+            identifier(field, value)
+        };
+        let account = Account {
+            identity_provider_id: id(
+                "identity_provider_id",
+                raw.identity_provider_id,
+                PROVIDER_ENV,
+            )?,
+            service_account_id: id(
+                "service_account_id",
+                raw.service_account_id,
+                SERVICE_ACCOUNT_ENV,
+            )?,
+        };
+        let callers = raw
+            .callers
+            .map(|rules| crate::callers::rules(rules, &account.identity_provider_id))
+            .transpose()?;
+        let caller_source = match raw.caller_identity.as_deref() {
+            None | Some("peer_certificate") => crate::callers::CallerSource::PeerCertificate,
+            Some("x-forwarded-client-cert") => crate::callers::CallerSource::ForwardedClientCert,
+            Some(other) => {
+                return Err(invalid(
+                    "caller_identity",
+                    format!(
+                    "must be \"peer_certificate\" or \"x-forwarded-client-cert\", not {other:?}"
+                ),
+                ))
+            }
+        };
         let subject_token_type = match raw.subject_token_type.as_deref() {
             None | Some("jwt") => SubjectTokenType::Jwt,
             Some("id_token") => SubjectTokenType::IdToken,
@@ -279,8 +352,10 @@ impl TryFrom<RawConfig> for Config {
             ),
         };
         Ok(Config {
-            identity_provider_id,
-            service_account_id,
+            account,
+            account_from_env,
+            callers,
+            caller_source,
             subject,
             subject_token_type,
             token_endpoint,
@@ -291,12 +366,15 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
-pub(crate) fn invalid(field: &'static str, reason: String) -> ConfigError {
-    ConfigError::Invalid { field, reason }
+pub(crate) fn invalid(field: &str, reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        reason,
+    }
 }
 
 /// An id, audience or resource: printable ASCII without spaces, at most 1024 bytes.
-pub(crate) fn identifier(field: &'static str, value: String) -> Result<String, ConfigError> {
+pub(crate) fn identifier(field: &str, value: String) -> Result<String, ConfigError> {
     if value.is_empty() {
         return Err(invalid(field, "must not be empty".into()));
     }
@@ -312,7 +390,7 @@ pub(crate) fn identifier(field: &'static str, value: String) -> Result<String, C
     Ok(value)
 }
 
-pub(crate) fn cluster(field: &'static str, value: String) -> Result<String, ConfigError> {
+pub(crate) fn cluster(field: &str, value: String) -> Result<String, ConfigError> {
     if value.trim().is_empty() {
         return Err(invalid(field, "must name an Envoy cluster".into()));
     }
@@ -320,7 +398,7 @@ pub(crate) fn cluster(field: &'static str, value: String) -> Result<String, Conf
 }
 
 pub(crate) fn authority(
-    field: &'static str,
+    field: &str,
     value: Option<String>,
     default: &str,
 ) -> Result<String, ConfigError> {
@@ -339,7 +417,7 @@ pub(crate) fn authority(
 }
 
 pub(crate) fn path(
-    field: &'static str,
+    field: &str,
     value: Option<String>,
     default: &str,
 ) -> Result<String, ConfigError> {
@@ -353,7 +431,7 @@ pub(crate) fn path(
     Ok(value)
 }
 
-pub(crate) fn timeout(field: &'static str, value: Option<u64>) -> Result<Duration, ConfigError> {
+pub(crate) fn timeout(field: &str, value: Option<u64>) -> Result<Duration, ConfigError> {
     let ms = value.unwrap_or(DEFAULT_TIMEOUT_MS);
     if !(1..=MAX_TIMEOUT_MS).contains(&ms) {
         return Err(invalid(
@@ -364,7 +442,7 @@ pub(crate) fn timeout(field: &'static str, value: Option<u64>) -> Result<Duratio
     Ok(Duration::from_millis(ms))
 }
 
-pub(crate) fn header_name(field: &'static str, value: String) -> Result<String, ConfigError> {
+pub(crate) fn header_name(field: &str, value: String) -> Result<String, ConfigError> {
     let token = !value.is_empty()
         && value
             .bytes()
@@ -406,7 +484,7 @@ fn hosts(value: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
 
 fn limits(raw: RawLimits) -> Result<Limits, ConfigError> {
     let d = Limits::default();
-    let within = |field: &'static str, value: Option<u32>, default: u32, max: u32| {
+    let within = |field: &str, value: Option<u32>, default: u32, max: u32| {
         let v = value.unwrap_or(default);
         if (1..=max).contains(&v) {
             Ok(v)
@@ -726,6 +804,22 @@ mod tests {
             (
                 r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"limits":{"invalidate_interval_s":7200}}"#,
                 "limits.invalidate_interval_s",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"callers":[{"name":"a","principals":["x*y"],"service_account_id":"s"}]}"#,
+                "callers[0].principals[0]",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"callers":[]}"#,
+                "callers",
+            ),
+            (
+                r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"caller_identity":"header"}"#,
+                "caller_identity",
+            ),
+            (
+                r#"{"service_account_id":"s","token_endpoint":{"cluster":"a"}}"#,
+                "identity_provider_id",
             ),
             ("not json", "(top level)"),
             ("", "(top level)"),

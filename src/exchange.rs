@@ -6,7 +6,7 @@
 
 use serde::Deserialize;
 
-use crate::config::Config;
+use crate::config::{Account, Config};
 use crate::reply::{Code, Failure};
 use crate::secret::Secret;
 
@@ -21,14 +21,14 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 const MAX_ACCESS_TOKEN_BYTES: usize = 8 * 1024;
 const MAX_RETRY_AFTER_S: u64 = 300;
 
-/// The JSON body of the exchange request.
-pub fn request_body(config: &Config, subject: &Secret) -> Vec<u8> {
+/// The JSON body of the exchange request, for `account`.
+pub fn request_body(config: &Config, account: &Account, subject: &Secret) -> Vec<u8> {
     serde_json::json!({
         "grant_type": GRANT_TYPE,
         "subject_token_type": config.subject_token_type.urn(),
         "subject_token": subject.expose(),
-        "identity_provider_id": config.identity_provider_id,
-        "service_account_id": config.service_account_id,
+        "identity_provider_id": account.identity_provider_id,
+        "service_account_id": account.service_account_id,
     })
     .to_string()
     .into_bytes()
@@ -196,7 +196,8 @@ mod tests {
 
     #[test]
     fn request_carries_the_five_fields() {
-        let body = request_body(&config(), &Secret::new("a.b.c"));
+        let c = config();
+        let body = request_body(&c, &c.account, &Secret::new("a.b.c"));
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["grant_type"], GRANT_TYPE);
         assert_eq!(

@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod authority;
 pub mod cache;
+pub mod callers;
 pub mod config;
 pub mod coordinator;
 pub mod exchange;

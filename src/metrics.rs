@@ -13,10 +13,11 @@ pub enum Counter {
     TokensInvalidated,
     NewIdentitiesRefused,
     AuthoritiesRefused,
+    CallersRefused,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::ExchangesOk,
         Counter::ExchangesFailed,
         Counter::CacheHit,
@@ -27,6 +28,7 @@ impl Counter {
         Counter::TokensInvalidated,
         Counter::NewIdentitiesRefused,
         Counter::AuthoritiesRefused,
+        Counter::CallersRefused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +43,7 @@ impl Counter {
             Counter::TokensInvalidated => "openai_wif.tokens_invalidated",
             Counter::NewIdentitiesRefused => "openai_wif.new_identities_refused",
             Counter::AuthoritiesRefused => "openai_wif.authorities_refused",
+            Counter::CallersRefused => "openai_wif.callers_refused",
         }
     }
 

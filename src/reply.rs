@@ -20,6 +20,7 @@ pub enum Code {
     TokenWaitTimeout,
     TooManyNewIdentities,
     UpstreamNotAllowed,
+    CallerNotAllowed,
     InternalError,
 }
 
@@ -36,6 +37,7 @@ impl Code {
             Code::TokenWaitTimeout => "token_wait_timeout",
             Code::TooManyNewIdentities => "too_many_new_identities",
             Code::UpstreamNotAllowed => "upstream_not_allowed",
+            Code::CallerNotAllowed => "caller_not_allowed",
             Code::InternalError => "internal_error",
         }
     }
@@ -47,7 +49,7 @@ impl Code {
                 401
             }
             Code::TooManyNewIdentities => 429,
-            Code::UpstreamNotAllowed => 403,
+            Code::UpstreamNotAllowed | Code::CallerNotAllowed => 403,
             Code::TokenExchangeFailed => 502,
             Code::TokenEndpointUnavailable
             | Code::SubjectSourceUnavailable
@@ -84,6 +86,8 @@ impl Failure {
 /// A fully built local reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalReply {
+    /// The error code, also in the body and in `x-openai-wif-error`.
+    pub code: &'static str,
     pub status: u32,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
@@ -114,6 +118,7 @@ impl LocalReply {
             ));
         }
         LocalReply {
+            code: failure.code.as_str(),
             status: failure.code.status(),
             headers,
             body: body.to_string().into_bytes(),

@@ -1382,7 +1382,13 @@ impl Store {
 fn identities(n: usize) -> Vec<IdentityKey> {
     let config = Config::parse(CONFIGS[0].as_bytes()).unwrap();
     (0..n)
-        .map(|i| IdentityKey::for_subject(&config, &Secret::new(format!("subject-{i}"))))
+        .map(|i| {
+            IdentityKey::for_subject(
+                &config,
+                &config.account,
+                &Secret::new(format!("subject-{i}")),
+            )
+        })
         .collect()
 }
 

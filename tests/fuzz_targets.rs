@@ -497,7 +497,11 @@ impl SharedStore for Store {
 }
 
 fn identity(config: &Config, n: u64) -> IdentityKey {
-    IdentityKey::for_subject(config, &Secret::new(format!("subject-{n}")))
+    IdentityKey::for_subject(
+        config,
+        &config.account,
+        &Secret::new(format!("subject-{n}")),
+    )
 }
 
 #[test]

@@ -40,7 +40,8 @@ use std::time::Duration;
 
 use crate::admission::{self, Admit};
 use crate::cache::{self, lookup, CachedToken, Lookup, Record, SubjectRecord, Table};
-use crate::config::{Config, Handling, Limits, SubjectSource};
+use crate::callers::{self, CallerSource};
+use crate::config::{Account, Config, Handling, Limits, SubjectSource};
 use crate::exchange;
 use crate::host::Host;
 use crate::identity::IdentityKey;
@@ -88,11 +89,23 @@ pub struct Waiter {
     pub deadline_ms: u64,
 }
 
-/// The requests waiting for one identity on this VM, and the subject to exchange for them.
-#[derive(Debug, Default)]
+/// The requests waiting for one identity on this VM, and what to exchange for them.
+#[derive(Debug)]
 struct Waiters {
     subject: Option<Subject>,
+    account: Account,
+    rule: Option<Rc<str>>,
     list: Vec<Waiter>,
+}
+
+/// What a fetch is for: an identity, the account it is exchanged for, and the caller rule
+/// that selected the account (for its counters).
+#[derive(Debug, Clone)]
+struct Want {
+    identity: IdentityKey,
+    subject: Option<Subject>,
+    account: Account,
+    rule: Option<Rc<str>>,
 }
 
 /// Where a request stands.
@@ -113,6 +126,8 @@ struct Request {
     stage: Stage,
     /// The identity and token fingerprint it was sent with, to invalidate on a 401.
     injected: Option<(IdentityKey, String)>,
+    /// The caller rule it matched.
+    rule: Option<Rc<str>>,
 }
 
 /// What a fetch is doing.
@@ -123,9 +138,12 @@ enum Step {
     Exchange { subject_exp_s: Option<u64> },
 }
 
+/// A gateway identity kept fresh: the account it is exchanged for, and the rule that chose it.
+type Gateway = (Account, Option<Rc<str>>);
+
 /// A fetch in flight, by its callout id.
 struct Fetch {
-    identity: IdentityKey,
+    want: Want,
     step: Step,
 }
 
@@ -142,8 +160,12 @@ pub struct Coordinator<H: Host> {
     /// Names this VM in lease records.
     owner: u64,
     config: RefCell<Option<Rc<Config>>>,
-    /// The gateway's own identity, for platform sources.
-    gateway: RefCell<Option<IdentityKey>>,
+    /// Gateway identities to keep fresh (platform sources): one per account in use.
+    gateways: RefCell<BTreeMap<IdentityKey, Gateway>>,
+    /// The gateway's subject, whatever it is exchanged for (platform sources).
+    source: RefCell<Option<IdentityKey>>,
+    /// Counter ids per caller rule: allowed, refused, exchanges.
+    rule_counters: RefCell<BTreeMap<Rc<str>, [Option<u32>; 3]>>,
     table: Cell<Table>,
     /// This VM's own wake-up queue: a request enqueues, the root runs the fetches it asked for.
     queue: Cell<Option<u32>>,
@@ -153,7 +175,7 @@ pub struct Coordinator<H: Host> {
     requests: RefCell<BTreeMap<u32, Request>>,
     waiting: RefCell<BTreeMap<IdentityKey, Waiters>>,
     /// Fetches requests asked for since the last wake-up.
-    asked: RefCell<Vec<(IdentityKey, Option<Subject>)>>,
+    asked: RefCell<Vec<Want>>,
     fetches: RefCell<BTreeMap<u32, Fetch>>,
     tick: Cell<Option<Duration>>,
     sweep_cursor: Cell<u32>,
@@ -168,7 +190,9 @@ impl<H: Host> Coordinator<H> {
             root_id,
             owner,
             config: RefCell::new(None),
-            gateway: RefCell::new(None),
+            gateways: RefCell::new(BTreeMap::new()),
+            source: RefCell::new(None),
+            rule_counters: RefCell::new(BTreeMap::new()),
             table: Cell::new(Table::new(Limits::default().max_identities)),
             queue: Cell::new(None),
             metrics: RefCell::new(Metrics::default()),
@@ -201,6 +225,26 @@ impl<H: Host> Coordinator<H> {
         if let Some(id) = id {
             self.host.increment(id);
         }
+    }
+
+    /// Counts for a caller rule: 0 allowed, 1 refused, 2 exchanges.
+    fn count_rule(&self, rule: Option<&Rc<str>>, which: usize) {
+        let id = rule.and_then(|r| {
+            self.rule_counters
+                .borrow()
+                .get(r)
+                .and_then(|ids| ids[which])
+        });
+        if let Some(id) = id {
+            self.host.increment(id);
+        }
+    }
+
+    /// Filter state that access logs print as `%FILTER_STATE(wasm.openai_wif.<name>:PLAIN)%`.
+    fn note(&self, name: &str, value: &[u8]) {
+        let _ = self
+            .host
+            .set_property(&[&format!("openai_wif.{name}")], value);
     }
 
     /// Logs at warning level, at most once per kind per window (see [`crate::logs`]).
@@ -236,7 +280,8 @@ impl<H: Host> Coordinator<H> {
 
     /// Parses and installs the configuration; on error the filter refuses to start.
     pub fn configure(&self, bytes: &[u8]) -> Result<(), String> {
-        let config = Config::parse(bytes).map_err(|e| e.to_string())?;
+        let config = Config::parse_with_env(bytes, &|name| self.host.env(name))
+            .map_err(|e| e.to_string())?;
         if self.queue.get().is_none() {
             let queue = self
                 .host
@@ -244,6 +289,14 @@ impl<H: Host> Coordinator<H> {
                 .map_err(|e| format!("could not register the wake-up queue: {e}"))?;
             self.queue.set(Some(queue));
             *self.metrics.borrow_mut() = Metrics::define(|name| self.host.define_counter(name));
+            let mut rule_counters = self.rule_counters.borrow_mut();
+            for rule in config.callers.iter().flatten() {
+                let ids = ["allowed", "refused", "exchanges"].map(|what| {
+                    self.host
+                        .define_counter(&format!("openai_wif.rule.{}.{what}", rule.name))
+                });
+                rule_counters.insert(Rc::from(rule.name.as_str()), ids);
+            }
             // Sweeps start at a random slot so the VMs share the work.
             let slots = u64::from(config.limits.max_identities);
             self.sweep_cursor
@@ -252,20 +305,39 @@ impl<H: Host> Coordinator<H> {
         self.table.set(Table::new(config.limits.max_identities));
         lease::ensure_table(&self.host)
             .map_err(|e| format!("could not create the lease table: {e}"))?;
-        *self.gateway.borrow_mut() = config
-            .subject
-            .is_gateway_identity()
-            .then(|| IdentityKey::for_gateway(&config));
+        let mut gateways = self.gateways.borrow_mut();
+        gateways.clear();
+        if config.subject.is_gateway_identity() {
+            *self.source.borrow_mut() = Some(IdentityKey::for_source(&config));
+            // Without caller rules the gateway acts as one account: warm it up now. With rules,
+            // each rule's account is added when its first request arrives.
+            if config.callers.is_none() {
+                gateways.insert(
+                    IdentityKey::for_gateway(&config, &config.account),
+                    (config.account.clone(), None),
+                );
+            }
+        }
+        drop(gateways);
+        let ids_from = if config.account_from_env.is_empty() {
+            "the configuration".to_string()
+        } else {
+            format!(
+                "the VM environment ({})",
+                config.account_from_env.join(", ")
+            )
+        };
         let scope = match &config.scope {
             crate::config::Scope::Hosts(hosts) => format!("hosts {hosts:?}"),
             crate::config::Scope::All => "every request the filter sees".to_string(),
         };
         log::info!(
-            "openai_wif {}: subject source {}, token endpoint cluster {}, authorising {scope}, at most {} identities",
+            "openai_wif {}: subject source {}, token endpoint cluster {}, authorising {scope}, at most {} identities, {} caller rules, provider and service account ids from {ids_from}",
             env!("CARGO_PKG_VERSION"),
             config.subject.name(),
             config.token_endpoint.cluster,
             config.limits.max_identities,
+            config.callers.as_ref().map_or(0, Vec::len),
         );
         *self.config.borrow_mut() = Some(Rc::new(config));
         // The first tick warms the gateway's token up. Not from here: Envoy also configures
@@ -288,6 +360,7 @@ impl<H: Host> Coordinator<H> {
         let request = requests.entry(context_id).or_insert(Request {
             stage,
             injected: None,
+            rule: None,
         });
         request.stage = stage;
         if injected.is_some() {
@@ -335,7 +408,10 @@ impl<H: Host> Coordinator<H> {
                     );
                     return self.deny(context_id, &failure, None);
                 }
-                self.authorise(context_id, &config)
+                match self.caller(context_id, &config) {
+                    Ok((account, rule)) => self.authorise(context_id, &config, account, rule),
+                    Err(verdict) => return verdict,
+                }
             }
             Handling::PassThrough => {
                 self.set_stage(context_id, Stage::Passed, None);
@@ -364,15 +440,73 @@ impl<H: Host> Coordinator<H> {
         verdict
     }
 
-    fn authorise(&self, context_id: u32, config: &Config) -> Verdict {
+    /// Which account the caller may use, by the caller rules; `Err` is the refusal.
+    fn caller(
+        &self,
+        context_id: u32,
+        config: &Config,
+    ) -> Result<(Account, Option<Rc<str>>), Verdict> {
+        let Some(rules) = &config.callers else {
+            return Ok((config.account.clone(), None));
+        };
+        let caller = match config.caller_source {
+            CallerSource::PeerCertificate => self
+                .host
+                .property(&["connection", "uri_san_peer_certificate"])
+                .map(|v| String::from_utf8_lossy(&v).into_owned()),
+            CallerSource::ForwardedClientCert => self
+                .host
+                .request_header("x-forwarded-client-cert")
+                .and_then(|v| callers::from_forwarded_client_cert(&v)),
+        }
+        .filter(|c| !c.is_empty());
+        if let Some(c) = &caller {
+            self.note("caller", c.as_bytes());
+        }
+        match caller
+            .as_deref()
+            .and_then(|c| callers::first_match(rules, c))
+        {
+            Some(rule) => {
+                let name: Rc<str> = Rc::from(rule.name.as_str());
+                self.note("rule", name.as_bytes());
+                self.set_stage(context_id, Stage::Passed, None);
+                if let Some(r) = self.requests.borrow_mut().get_mut(&context_id) {
+                    r.rule = Some(name.clone());
+                }
+                Ok((rule.account.clone(), Some(name)))
+            }
+            None => {
+                self.count(Counter::CallersRefused);
+                let message = match caller {
+                    Some(c) => format!("caller {c} matches no caller rule of this gateway"),
+                    None => "the caller presented no client certificate; this gateway serves only callers its rules name".to_string(),
+                };
+                Err(self.deny(
+                    context_id,
+                    &Failure::new(Code::CallerNotAllowed, message),
+                    None,
+                ))
+            }
+        }
+    }
+
+    fn authorise(
+        &self,
+        context_id: u32,
+        config: &Config,
+        account: Account,
+        rule: Option<Rc<str>>,
+    ) -> Verdict {
         let now = self.host.now_ms();
+        self.note("service_account_id", account.service_account_id.as_bytes());
         let (identity, subject) = match &config.subject {
             SubjectSource::Header(h) => {
                 let name = &h.header;
                 let value = self.host.request_header(name);
                 match header::accept(value.as_deref(), name, now / 1000) {
                     Ok((token, claims)) => (
-                        IdentityKey::for_subject(config, &token),
+                        IdentityKey::for_subject(config, &account, &token),
                         Some(Subject {
                             token,
                             exp_s: claims.exp,
@@ -381,16 +515,21 @@ impl<H: Host> Coordinator<H> {
                     Err(f) => return self.deny(context_id, &f, None),
                 }
             }
-            _ => match self.gateway.borrow().clone() {
-                Some(identity) => (identity, None),
-                None => {
-                    return self.deny(
-                        context_id,
-                        &internal("the gateway identity is not configured"),
-                        None,
-                    )
-                }
-            },
+            _ => {
+                let identity = IdentityKey::for_gateway(config, &account);
+                self.gateways
+                    .borrow_mut()
+                    .entry(identity.clone())
+                    .or_insert_with(|| (account.clone(), rule.clone()));
+                (identity, None)
+            }
+        };
+        self.note("identity", identity.short().as_bytes());
+        let want = |subject: Option<Subject>| Want {
+            identity: identity.clone(),
+            subject,
+            account: account.clone(),
+            rule: rule.clone(),
         };
         // A client's own key must never reach OpenAI.
         if self.host.remove_request_header("authorization").is_err() {
@@ -415,13 +554,15 @@ impl<H: Host> Coordinator<H> {
                     );
                 }
                 self.count(Counter::CacheHit);
+                self.count_rule(rule.as_ref(), 0);
+                self.note("cache", if refresh { b"refresh" } else { b"hit" });
                 self.set_stage(
                     context_id,
                     Stage::Released,
                     Some((identity.clone(), token.fingerprint)),
                 );
                 if refresh {
-                    self.ask(identity, subject);
+                    self.ask(want(subject));
                 }
                 Verdict::Continue
             }
@@ -430,21 +571,23 @@ impl<H: Host> Coordinator<H> {
                 self.deny(context_id, &f.failure, Some(retry))
             }
             Lookup::Miss => {
-                let known = found.is_some() || self.waiting.borrow().contains_key(&identity);
+                let joining = self.waiting.borrow().contains_key(&identity);
+                let known = found.is_some() || joining;
                 if !known {
                     if let Some(refusal) = self.admit(context_id, config, now) {
                         return refusal;
                     }
                 }
                 self.count(Counter::CacheMiss);
+                self.note("cache", if joining { b"wait" } else { b"miss" });
                 let waiter = Waiter {
                     context_id,
                     since_ms: now,
                     deadline_ms: now + lifetime::millis(config.wait_budget()),
                 };
-                self.add_waiter(identity.clone(), subject.clone(), waiter);
+                self.add_waiter(want(subject.clone()), waiter);
                 self.set_stage(context_id, Stage::Waiting, None);
-                self.ask(identity, subject);
+                self.ask(want(subject));
                 Verdict::Pause
             }
         }
@@ -494,6 +637,12 @@ impl<H: Host> Coordinator<H> {
     /// Answers the current request locally.
     fn deny(&self, context_id: u32, failure: &Failure, retry_after_s: Option<u64>) -> Verdict {
         self.count(Counter::RequestsDenied);
+        let rule = self
+            .requests
+            .borrow()
+            .get(&context_id)
+            .and_then(|r| r.rule.clone());
+        self.count_rule(rule.as_ref(), 1);
         self.log_debug(
             "request_refused",
             format_args!("refusing request: {}", failure.message),
@@ -590,11 +739,16 @@ impl<H: Host> Coordinator<H> {
         waiting.retain(|_, w| !w.list.is_empty());
     }
 
-    fn add_waiter(&self, identity: IdentityKey, subject: Option<Subject>, waiter: Waiter) {
+    fn add_waiter(&self, want: Want, waiter: Waiter) {
         let mut waiting = self.waiting.borrow_mut();
-        let entry = waiting.entry(identity).or_default();
+        let entry = waiting.entry(want.identity).or_insert_with(|| Waiters {
+            subject: None,
+            account: want.account,
+            rule: want.rule,
+            list: Vec::new(),
+        });
         if entry.subject.is_none() {
-            entry.subject = subject;
+            entry.subject = want.subject;
         }
         entry.list.push(waiter);
     }
@@ -602,13 +756,15 @@ impl<H: Host> Coordinator<H> {
     /// Asks the root side to fetch a token for `identity`, through this VM's queue. One ask
     /// per identity is enough; the list is emptied on every wake-up, and bounded should
     /// wake-ups fail (the requests still wait, and the tick retries their fetches).
-    fn ask(&self, identity: IdentityKey, subject: Option<Subject>) {
+    fn ask(&self, want: Want) {
         {
             let mut asked = self.asked.borrow_mut();
-            if asked.iter().any(|(i, _)| *i == identity) || asked.len() >= MAX_FETCH_REQUESTS {
+            if asked.iter().any(|w| w.identity == want.identity)
+                || asked.len() >= MAX_FETCH_REQUESTS
+            {
                 return;
             }
-            asked.push((identity, subject));
+            asked.push(want);
         }
         if let Some(q) = self.queue.get() {
             if let Err(e) = self.host.enqueue(q) {
@@ -628,9 +784,9 @@ impl<H: Host> Coordinator<H> {
         self.host.drain_queue(queue_id);
         let asked = std::mem::take(&mut *self.asked.borrow_mut());
         let table = self.table();
-        for (identity, subject) in asked {
-            let record = table.record(&self.host, &identity);
-            self.start_if_needed(identity, subject, record.as_ref());
+        for want in asked {
+            let record = table.record(&self.host, &want.identity);
+            self.start_if_needed(want, record.as_ref());
         }
         self.adjust_tick();
     }
@@ -639,20 +795,16 @@ impl<H: Host> Coordinator<H> {
         self.fetches
             .borrow()
             .values()
-            .any(|f| &f.identity == identity)
+            .any(|f| &f.want.identity == identity)
     }
 
     /// Starts a fetch for `identity`, whose cache record is `record`, unless one is running
     /// anywhere or none is needed.
-    fn start_if_needed(
-        &self,
-        identity: IdentityKey,
-        subject: Option<Subject>,
-        record: Option<&Record>,
-    ) {
+    fn start_if_needed(&self, want: Want, record: Option<&Record>) {
         let Some(config) = self.config() else {
             return;
         };
+        let identity = want.identity.clone();
         if self.is_active(&identity) {
             return;
         }
@@ -662,7 +814,7 @@ impl<H: Host> Coordinator<H> {
         }
         let deadline = now + lifetime::millis(config.lease_duration());
         match lease::try_acquire(&self.host, &identity, self.owner, now, deadline) {
-            Ok(Acquire::Acquired) => self.begin(&config, identity, subject),
+            Ok(Acquire::Acquired) => self.begin(&config, want),
             Ok(Acquire::Held(_)) => {}
             Ok(Acquire::Full) => self.log_warn(
                 "leases_full",
@@ -679,34 +831,42 @@ impl<H: Host> Coordinator<H> {
         }
     }
 
-    /// With the lease held: exchange the given subject, or obtain the gateway's first.
-    fn begin(&self, config: &Config, identity: IdentityKey, subject: Option<Subject>) {
-        if let Some(s) = subject {
-            return self.exchange(config, identity, &s.token, s.exp_s);
+    /// With the lease held: exchange the given subject, or obtain the gateway's first. The
+    /// gateway's subject is fetched under a lease of its own, so several accounts that need it
+    /// at once cause one fetch: the others give their lease back and try again on the next tick,
+    /// when the subject is there.
+    fn begin(&self, config: &Config, want: Want) {
+        if let Some(s) = want.subject.clone() {
+            return self.exchange(config, want, &s.token, s.exp_s);
         }
         if !config.subject.is_gateway_identity() {
             // A header identity whose requests are all gone: nothing to exchange.
-            let _ = lease::release(&self.host, &identity, self.owner);
+            let _ = lease::release(&self.host, &want.identity, self.owner);
             return;
         }
+        let Some(source) = self.source.borrow().clone() else {
+            return;
+        };
         let now = self.host.now_ms();
-        match shared::read::<SubjectRecord>(&self.host, &cache::subject_key(&identity)) {
-            Ok(Some((s, _))) if s.reusable(now) => {
-                self.exchange(config, identity, &s.subject, s.exp_s)
+        if let Ok(Some((s, _))) =
+            shared::read::<SubjectRecord>(&self.host, &cache::subject_key(&source))
+        {
+            if s.reusable(now) {
+                return self.exchange(config, want, &s.subject, s.exp_s);
             }
-            _ => self.fetch_subject(config, identity, true),
+        }
+        let deadline = now + lifetime::millis(config.lease_duration());
+        match lease::try_acquire(&self.host, &source, self.owner, now, deadline) {
+            Ok(Acquire::Acquired) => self.fetch_subject(config, want, true),
+            _ => {
+                let _ = lease::release(&self.host, &want.identity, self.owner);
+            }
         }
     }
 
-    fn exchange(
-        &self,
-        config: &Config,
-        identity: IdentityKey,
-        subject: &Secret,
-        exp_s: Option<u64>,
-    ) {
+    fn exchange(&self, config: &Config, want: Want, subject: &Secret, exp_s: Option<u64>) {
         let endpoint = &config.token_endpoint;
-        let body = exchange::request_body(config, subject);
+        let body = exchange::request_body(config, &want.account, subject);
         match self.host.dispatch_http(
             &endpoint.cluster,
             &exchange::request_headers(config),
@@ -716,12 +876,12 @@ impl<H: Host> Coordinator<H> {
             Ok(call_id) => {
                 log::debug!(
                     "openai_wif: exchanging a subject token for {}",
-                    identity.short()
+                    want.identity.short()
                 );
                 self.fetches.borrow_mut().insert(
                     call_id,
                     Fetch {
-                        identity,
+                        want,
                         step: Step::Exchange {
                             subject_exp_s: exp_s,
                         },
@@ -737,12 +897,14 @@ impl<H: Host> Coordinator<H> {
                         endpoint.cluster
                     ),
                 );
-                self.fail(identity, failure, None);
+                self.fail(want.identity, failure, None);
             }
         }
     }
 
-    fn fetch_subject(&self, config: &Config, identity: IdentityKey, then_exchange: bool) {
+    /// Fetches the gateway's subject (the caller holds the source's lease); then exchanges it
+    /// for `want`, or (a periodic re-read) stops.
+    fn fetch_subject(&self, config: &Config, want: Want, then_exchange: bool) {
         let dispatched = match subject::request(&config.subject) {
             Some(SourceCall::Http {
                 cluster,
@@ -770,18 +932,19 @@ impl<H: Host> Coordinator<H> {
                 self.fetches.borrow_mut().insert(
                     call_id,
                     Fetch {
-                        identity,
+                        want,
                         step: Step::FetchSubject { then_exchange },
                     },
                 );
             }
             Err((cluster, e)) => {
                 self.count(Counter::SubjectFetchFailed);
+                self.release_source();
                 let err = subject::SourceError::new(
                     config.subject.name(),
                     format!("cannot call cluster {cluster} ({e})"),
                 );
-                self.fail(identity, err.failure(), None);
+                self.fail(want.identity, err.failure(), None);
             }
         }
     }
@@ -807,25 +970,33 @@ impl<H: Host> Coordinator<H> {
         };
         match fetch.step {
             Step::FetchSubject { then_exchange } => {
-                self.subject_fetched(&config, fetch.identity, then_exchange, answer)
+                self.subject_fetched(&config, fetch.want, then_exchange, answer)
             }
             Step::Exchange { subject_exp_s } => {
                 let body_size = match answer {
                     CalloutAnswer::Http { body_size } => body_size,
                     CalloutAnswer::Grpc { .. } => 0,
                 };
-                self.exchanged(fetch.identity, subject_exp_s, body_size)
+                self.exchanged(fetch.want, subject_exp_s, body_size)
             }
+        }
+    }
+
+    fn release_source(&self) {
+        let source = self.source.borrow().clone();
+        if let Some(source) = source {
+            let _ = lease::release(&self.host, &source, self.owner);
         }
     }
 
     fn subject_fetched(
         &self,
         config: &Config,
-        identity: IdentityKey,
+        want: Want,
         then_exchange: bool,
         answer: CalloutAnswer,
     ) {
+        self.release_source();
         let now = self.host.now_ms();
         let fetched = match answer {
             CalloutAnswer::Http { body_size } => {
@@ -865,20 +1036,21 @@ impl<H: Host> Coordinator<H> {
                 let record = subject_record(config, f.subject, f.exp_s, now, self.host.jitter());
                 let exp_s = record.exp_s;
                 let token = record.subject.clone();
-                if let Err(e) = shared::update(&self.host, &cache::subject_key(&identity), |_| {
-                    Some(record.clone())
-                }) {
-                    log::warn!("openai_wif: could not store the subject token: {e}");
+                let source = self.source.borrow().clone();
+                if let Some(source) = source {
+                    if let Err(e) = shared::update(&self.host, &cache::subject_key(&source), |_| {
+                        Some(record.clone())
+                    }) {
+                        log::warn!("openai_wif: could not store the subject token: {e}");
+                    }
                 }
                 log::debug!(
                     "openai_wif: subject token obtained from {} for {}",
                     config.subject.name(),
-                    identity.short()
+                    want.identity.short()
                 );
                 if then_exchange {
-                    self.exchange(config, identity, &token, exp_s);
-                } else {
-                    let _ = lease::release(&self.host, &identity, self.owner);
+                    self.exchange(config, want, &token, exp_s);
                 }
             }
             Err(e) => {
@@ -887,12 +1059,13 @@ impl<H: Host> Coordinator<H> {
                 // Also when only a periodic re-read failed: the identity backs off as a whole
                 // (a still-valid token stays in use), so the source is not asked again, for a
                 // re-read or a refresh, before the backoff ends.
-                self.fail(identity, e.failure(), None);
+                self.fail(want.identity, e.failure(), None);
             }
         }
     }
 
-    fn exchanged(&self, identity: IdentityKey, subject_exp_s: Option<u64>, body_size: usize) {
+    fn exchanged(&self, want: Want, subject_exp_s: Option<u64>, body_size: usize) {
+        let identity = want.identity;
         let now = self.host.now_ms();
         let r = self
             .host
@@ -920,6 +1093,7 @@ impl<H: Host> Coordinator<H> {
             return self.fail(identity, failure, None);
         };
         self.count(Counter::ExchangesOk);
+        self.count_rule(want.rule.as_ref(), 2);
         let allowed = self.logs.borrow_mut().allow("token_issued", now);
         if allowed {
             log::info!(
@@ -995,11 +1169,13 @@ impl<H: Host> Coordinator<H> {
                         Stage::Released,
                         Some((identity.clone(), token.fingerprint.clone())),
                     );
-                    if let Err(e) =
-                        self.host
-                            .resume_with_token(w.context_id, &token.access_token, self.root_id)
-                    {
-                        log::debug!("openai_wif: waiting request is gone: {e}");
+                    match self.host.resume_with_token(
+                        w.context_id,
+                        &token.access_token,
+                        self.root_id,
+                    ) {
+                        Ok(()) => self.count_rule(waiters.rule.as_ref(), 0),
+                        Err(e) => log::debug!("openai_wif: waiting request is gone: {e}"),
                     }
                 }
             }
@@ -1030,10 +1206,17 @@ impl<H: Host> Coordinator<H> {
                 }
                 if !kept.is_empty() {
                     let mut all = self.waiting.borrow_mut();
-                    let entry = all.entry(identity.clone()).or_default();
-                    entry.list.extend(kept);
-                    if entry.subject.is_none() {
-                        entry.subject = waiters.subject;
+                    match all.get_mut(identity) {
+                        Some(entry) => {
+                            entry.list.extend(kept);
+                            if entry.subject.is_none() {
+                                entry.subject = waiters.subject;
+                            }
+                        }
+                        None => {
+                            waiters.list = kept;
+                            all.insert(identity.clone(), waiters);
+                        }
                     }
                 }
             }
@@ -1042,6 +1225,12 @@ impl<H: Host> Coordinator<H> {
 
     fn answer(&self, waiter: Waiter, reply: &LocalReply) {
         self.count(Counter::RequestsDenied);
+        let rule = self
+            .requests
+            .borrow()
+            .get(&waiter.context_id)
+            .and_then(|r| r.rule.clone());
+        self.count_rule(rule.as_ref(), 1);
         self.move_waiter(waiter.context_id, Stage::Answered, None);
         if let Err(e) = self.host.reply_to(waiter.context_id, reply, self.root_id) {
             log::debug!("openai_wif: waiting request is gone: {e}");
@@ -1065,54 +1254,78 @@ impl<H: Host> Coordinator<H> {
     /// Requests waiting here for a fetch another worker runs (or ran, or abandoned).
     fn poll_waiters(&self) {
         let now = self.host.now_ms();
-        let identities: Vec<(IdentityKey, Option<Subject>)> = self
+        let wants: Vec<Want> = self
             .waiting
             .borrow()
             .iter()
-            .map(|(k, w)| (k.clone(), w.subject.clone()))
+            .map(|(k, w)| Want {
+                identity: k.clone(),
+                subject: w.subject.clone(),
+                account: w.account.clone(),
+                rule: w.rule.clone(),
+            })
             .collect();
         let table = self.table();
-        for (identity, subject) in identities {
-            let record = table.record(&self.host, &identity);
-            self.settle(&identity, record.as_ref(), now);
-            if self.waiting.borrow().contains_key(&identity) {
+        for want in wants {
+            let record = table.record(&self.host, &want.identity);
+            self.settle(&want.identity, record.as_ref(), now);
+            if self.waiting.borrow().contains_key(&want.identity) {
                 // Still waiting: start a fetch if nobody (alive) is running one.
-                self.start_if_needed(identity, subject, record.as_ref());
+                self.start_if_needed(want, record.as_ref());
             }
         }
     }
 
-    /// Platform sources: keep the gateway's token fresh before requests need it, and re-read
-    /// the subject when it is due (a rotated Kubernetes token file is picked up this way).
+    /// Platform sources: keep the gateway's tokens fresh before requests need them (one per
+    /// account in use), and re-read the subject when it is due (a rotated Kubernetes token file
+    /// is picked up this way).
     fn maintain_gateway(&self) {
-        let (Some(identity), Some(config)) = (self.gateway.borrow().clone(), self.config()) else {
+        let Some(config) = self.config() else {
             return;
         };
-        if self.is_active(&identity) {
-            return;
-        }
+        let gateways: Vec<Want> = self
+            .gateways
+            .borrow()
+            .iter()
+            .map(|(identity, (account, rule))| Want {
+                identity: identity.clone(),
+                subject: None,
+                account: account.clone(),
+                rule: rule.clone(),
+            })
+            .collect();
         let now = self.host.now_ms();
-        let record = self.table().record(&self.host, &identity);
-        match lookup(record.as_ref(), now) {
-            Lookup::Miss | Lookup::RefreshDue(_) => {
-                self.start_if_needed(identity, None, record.as_ref())
+        let mut fresh = None;
+        for want in gateways {
+            if self.is_active(&want.identity) {
+                continue;
             }
-            Lookup::BackingOff(_) | Lookup::ServingWhileBackingOff(_) => {}
-            Lookup::Fresh(_) => {
-                let due =
-                    match shared::read::<SubjectRecord>(&self.host, &cache::subject_key(&identity))
-                    {
-                        Ok(Some((s, _))) => s.due(now),
-                        _ => true,
-                    };
-                if due {
-                    let deadline = now + lifetime::millis(config.lease_duration());
-                    if let Ok(Acquire::Acquired) =
-                        lease::try_acquire(&self.host, &identity, self.owner, now, deadline)
-                    {
-                        self.fetch_subject(&config, identity, false);
-                    }
-                }
+            let record = self.table().record(&self.host, &want.identity);
+            match lookup(record.as_ref(), now) {
+                Lookup::Miss | Lookup::RefreshDue(_) => self.start_if_needed(want, record.as_ref()),
+                Lookup::BackingOff(_) | Lookup::ServingWhileBackingOff(_) => {}
+                Lookup::Fresh(_) => fresh = fresh.or(Some(want)),
+            }
+        }
+        // The subject is one for every account: re-read it once, under its own lease.
+        let (Some(want), Some(source)) = (fresh, self.source.borrow().clone()) else {
+            return;
+        };
+        let due = match shared::read::<SubjectRecord>(&self.host, &cache::subject_key(&source)) {
+            Ok(Some((s, _))) => s.due(now),
+            _ => true,
+        };
+        let fetching = self
+            .fetches
+            .borrow()
+            .values()
+            .any(|f| matches!(f.step, Step::FetchSubject { .. }));
+        if due && !fetching {
+            let deadline = now + lifetime::millis(config.lease_duration());
+            if let Ok(Acquire::Acquired) =
+                lease::try_acquire(&self.host, &source, self.owner, now, deadline)
+            {
+                self.fetch_subject(&config, want, false);
             }
         }
     }
@@ -1152,7 +1365,10 @@ impl<H: Host> Coordinator<H> {
     pub fn done(&self) {
         let fetches = std::mem::take(&mut *self.fetches.borrow_mut());
         for fetch in fetches.into_values() {
-            let _ = lease::release(&self.host, &fetch.identity, self.owner);
+            if matches!(fetch.step, Step::FetchSubject { .. }) {
+                self.release_source();
+            }
+            let _ = lease::release(&self.host, &fetch.want.identity, self.owner);
         }
     }
 }

@@ -449,3 +449,228 @@ fn new_identities_beyond_the_budget_are_refused_and_known_ones_are_not() {
     );
     assert_eq!(w.host().counter("new_identities_refused"), 1);
 }
+
+const CALLERS: &str = r#""callers":[
+    {"name":"inference","principals":["spiffe://cluster.local/ns/ai/sa/inference"],"service_account_id":"sa_inference"},
+    {"name":"batch","principals":["spiffe://cluster.local/ns/batch/*"],"service_account_id":"sa_batch"}],"#;
+
+impl Worker {
+    /// A request from a caller that presented a certificate with this SPIFFE ID (or none).
+    fn request_from(&self, id: u32, caller: Option<&str>, subject: Option<&str>) -> Verdict {
+        let mut headers: Vec<(&str, &[u8])> = vec![(":authority", b"api.openai.com")];
+        if let Some(s) = subject {
+            headers.push(("x-openai-subject-token", s.as_bytes()));
+        }
+        self.host().open(id, &headers);
+        if let Some(c) = caller {
+            self.host().set_request_property(
+                id,
+                "connection.uri_san_peer_certificate",
+                c.as_bytes(),
+            );
+        }
+        self.c.request_headers(id)
+    }
+}
+
+fn with_callers(config: &str) -> String {
+    config.replacen('{', &format!("{{{CALLERS}"), 1)
+}
+
+fn service_account(call: &Call) -> String {
+    let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+    body["service_account_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn one_gateway_identity_serves_each_rule_as_its_own_service_account() {
+    let world = World::new(T0);
+    let config = with_callers(KUBERNETES_CONFIG);
+    let (a, b) = (Worker::new(&world, &config), Worker::new(&world, &config));
+    a.tick();
+    assert!(
+        a.host().calls().is_empty(),
+        "with rules, nothing is fetched before a caller asks"
+    );
+    let inference = "spiffe://cluster.local/ns/ai/sa/inference";
+    let batch = "spiffe://cluster.local/ns/batch/sa/job";
+    for id in 1..20 {
+        assert_eq!(a.request_from(id, Some(inference), None), Verdict::Pause);
+        assert_eq!(b.request_from(id, Some(batch), None), Verdict::Pause);
+        assert_eq!(
+            b.request_from(100 + id, Some(inference), None),
+            Verdict::Pause
+        );
+    }
+    a.wake();
+    b.wake();
+    let fetches = [a.calls_to("wif_token_file"), b.calls_to("wif_token_file")].concat();
+    assert_eq!(fetches.len(), 1, "one subject fetch for every account");
+    let fetcher = if a.calls_to("wif_token_file").is_empty() {
+        &b
+    } else {
+        &a
+    };
+    fetcher.answer(
+        &fetches[0],
+        "200",
+        &subject("system:serviceaccount:gw:gw", 3600),
+    );
+    for _ in 0..3 {
+        world.advance(Duration::from_millis(10));
+        a.tick();
+        b.tick();
+    }
+    let exchanges = [a.exchanges(), b.exchanges()].concat();
+    let mut accounts: Vec<String> = exchanges.iter().map(service_account).collect();
+    accounts.sort();
+    assert_eq!(
+        accounts,
+        ["sa_batch", "sa_inference"],
+        "one exchange per service account"
+    );
+    for w in [&a, &b] {
+        for call in w.exchanges() {
+            let token = format!("at-{}", service_account(&call));
+            w.issue(&call, &token, 3600);
+        }
+    }
+    world.advance(Duration::from_millis(10));
+    a.tick();
+    b.tick();
+    assert_eq!(
+        a.host().authorization(1).as_deref(),
+        Some("Bearer at-sa_inference")
+    );
+    assert_eq!(
+        b.host().authorization(1).as_deref(),
+        Some("Bearer at-sa_batch")
+    );
+    assert_eq!(
+        b.host().authorization(101).as_deref(),
+        Some("Bearer at-sa_inference")
+    );
+    assert_eq!(b.host().state(1, "rule").as_deref(), Some("batch"));
+    assert_eq!(b.host().state(1, "caller").as_deref(), Some(batch));
+    assert_eq!(
+        b.host().state(1, "service_account_id").as_deref(),
+        Some("sa_batch")
+    );
+    assert_eq!(b.host().state(1, "cache").as_deref(), Some("miss"));
+    assert_eq!(b.host().state(2, "cache").as_deref(), Some("wait"));
+    // Hits afterwards, each as its own account.
+    assert_eq!(a.request_from(50, Some(batch), None), Verdict::Continue);
+    assert_eq!(
+        a.host().authorization(50).as_deref(),
+        Some("Bearer at-sa_batch")
+    );
+    assert_eq!(a.host().state(50, "cache").as_deref(), Some("hit"));
+}
+
+#[test]
+fn callers_no_rule_names_are_refused_before_anything_is_fetched() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, &with_callers(HEADER_CONFIG));
+    let token = subject("app", 3600);
+    assert_eq!(
+        w.request_from(
+            1,
+            Some("spiffe://cluster.local/ns/other/sa/x"),
+            Some(&token)
+        ),
+        Verdict::Pause
+    );
+    assert_eq!(w.error_code(1).as_deref(), Some("caller_not_allowed"));
+    assert_eq!(w.host().reply(1).unwrap().status, 403);
+    assert_eq!(
+        w.host().state(1, "caller").as_deref(),
+        Some("spiffe://cluster.local/ns/other/sa/x")
+    );
+    assert_eq!(
+        w.host().state(1, "error").as_deref(),
+        Some("caller_not_allowed")
+    );
+    assert_eq!(w.request_from(2, None, Some(&token)), Verdict::Pause);
+    let body = String::from_utf8(w.host().reply(2).unwrap().body).unwrap();
+    assert!(body.contains("no client certificate"), "{body}");
+    w.wake();
+    assert!(w.exchanges().is_empty());
+    assert_eq!(w.host().counter("callers_refused"), 2);
+    // A listed caller with the header source gets its rule's account.
+    assert_eq!(
+        w.request_from(
+            3,
+            Some("spiffe://cluster.local/ns/ai/sa/inference"),
+            Some(&token)
+        ),
+        Verdict::Pause
+    );
+    w.wake();
+    assert_eq!(service_account(&w.exchanges()[0]), "sa_inference");
+}
+
+#[test]
+fn the_caller_comes_from_xfcc_only_when_configured() {
+    let world = World::new(T0);
+    let config = with_callers(HEADER_CONFIG).replacen(
+        '{',
+        r#"{"caller_identity":"x-forwarded-client-cert","#,
+        1,
+    );
+    let w = Worker::new(&world, &config);
+    let token = subject("app", 3600);
+    w.host().open(
+        1,
+        &[
+            (":authority", b"api.openai.com"),
+            (
+                "x-forwarded-client-cert",
+                b"By=spiffe://gw;URI=spiffe://cluster.local/ns/batch/sa/job",
+            ),
+            ("x-openai-subject-token", token.as_bytes()),
+        ],
+    );
+    assert_eq!(w.c.request_headers(1), Verdict::Pause);
+    assert_eq!(w.host().state(1, "rule").as_deref(), Some("batch"));
+    // Without the opt-in the header means nothing.
+    let plain = Worker::new(&world, &with_callers(HEADER_CONFIG));
+    plain.host().open(
+        2,
+        &[
+            (":authority", b"api.openai.com"),
+            (
+                "x-forwarded-client-cert",
+                b"URI=spiffe://cluster.local/ns/batch/sa/job",
+            ),
+            ("x-openai-subject-token", token.as_bytes()),
+        ],
+    );
+    assert_eq!(plain.c.request_headers(2), Verdict::Pause);
+    assert_eq!(plain.error_code(2).as_deref(), Some("caller_not_allowed"));
+}
+
+#[test]
+fn ids_come_from_the_vm_environment_when_the_configuration_omits_them() {
+    let world = World::new(T0);
+    let c = Coordinator::new(FakeHost::new(world.clone()), 1);
+    let config = r#"{"token_endpoint":{"cluster":"openai_auth"}}"#;
+    let e = c.configure(config.as_bytes()).unwrap_err();
+    assert!(
+        e.contains("identity_provider_id") && e.contains("OPENAI_IDENTITY_PROVIDER_ID"),
+        "{e}"
+    );
+    c.host().set_env("OPENAI_IDENTITY_PROVIDER_ID", "wip_env");
+    c.host().set_env("OPENAI_SERVICE_ACCOUNT_ID", "sa_env");
+    c.configure(config.as_bytes()).unwrap();
+    let w = Worker { c };
+    w.request(1, Some(&subject("app", 3600)));
+    w.wake();
+    let body: serde_json::Value = serde_json::from_slice(&w.exchanges()[0].body).unwrap();
+    assert_eq!(
+        (
+            body["identity_provider_id"].as_str(),
+            body["service_account_id"].as_str()
+        ),
+        (Some("wip_env"), Some("sa_env"))
+    );
+}

@@ -58,6 +58,7 @@ struct Vm {
     trailers: BTreeMap<u32, BTreeMap<String, Vec<u8>>>,
     response_status: BTreeMap<u32, String>,
     properties: BTreeMap<String, Vec<u8>>,
+    request_properties: BTreeMap<(u32, String), Vec<u8>>,
     replies: Vec<(u32, LocalReply)>,
     resumed: Vec<u32>,
     calls: Vec<Call>,
@@ -65,6 +66,8 @@ struct Vm {
     answer: CallResponse,
     grpc_message: Vec<u8>,
     counter_names: Vec<String>,
+    filter_state: BTreeMap<(u32, String), Vec<u8>>,
+    env: BTreeMap<String, String>,
     counters: BTreeMap<String, u64>,
     tick: Option<Duration>,
     wake_ups: u32,
@@ -134,6 +137,30 @@ impl FakeHost {
             .borrow_mut()
             .properties
             .insert(path.to_string(), value.to_vec());
+    }
+
+    /// Filter state the filter set on request `id` (`openai_wif.<name>`), as text.
+    pub fn state(&self, id: u32, name: &str) -> Option<String> {
+        self.vm
+            .borrow()
+            .filter_state
+            .get(&(id, format!("openai_wif.{name}")))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn set_env(&self, name: &str, value: &str) {
+        self.vm
+            .borrow_mut()
+            .env
+            .insert(name.to_string(), value.to_string());
+    }
+
+    /// A property of request `id` only (e.g. its connection's peer certificate).
+    pub fn set_request_property(&self, id: u32, path: &str, value: &[u8]) {
+        self.vm
+            .borrow_mut()
+            .request_properties
+            .insert((id, path.to_string()), value.to_vec());
     }
 
     pub fn header(&self, id: u32, name: &str) -> Option<Vec<u8>> {
@@ -273,12 +300,33 @@ impl Host for FakeHost {
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.vm.borrow().properties.get(&path.join(".")).cloned()
+        let vm = self.vm.borrow();
+        let path = path.join(".");
+        vm.request_properties
+            .get(&(vm.current, path.clone()))
+            .or_else(|| vm.properties.get(&path))
+            .cloned()
+    }
+
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        let mut vm = self.vm.borrow_mut();
+        let current = vm.current;
+        vm.filter_state
+            .insert((current, path.join(".")), value.to_vec());
+        Ok(())
+    }
+
+    fn env(&self, name: &str) -> Option<String> {
+        self.vm.borrow().env.get(name).cloned()
     }
 
     fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
         let mut vm = self.vm.borrow_mut();
         let current = vm.current;
+        vm.filter_state.insert(
+            (current, "openai_wif.error".into()),
+            reply.code.as_bytes().to_vec(),
+        );
         if !vm.headers.contains_key(&current) {
             return Err(Self::gone());
         }
@@ -311,6 +359,10 @@ impl Host for FakeHost {
         if !vm.headers.contains_key(&context_id) {
             return Err(Self::gone());
         }
+        vm.filter_state.insert(
+            (context_id, "openai_wif.error".into()),
+            reply.code.as_bytes().to_vec(),
+        );
         vm.replies.push((context_id, reply.clone()));
         Ok(())
     }

@@ -41,6 +41,11 @@ pub trait Host: SharedStore {
     fn response_header(&self, name: &str) -> Option<String>;
     /// A property of the current request or connection (e.g. `["xds", "cluster_name"]`).
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Sets filter state on the current request (access logs print it as
+    /// `%FILTER_STATE(wasm.<path>:PLAIN)%`).
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError>;
+    /// An environment variable of the VM (Envoy's `vm_config.environment_variables`).
+    fn env(&self, name: &str) -> Option<String>;
     /// Answers the current request locally.
     fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError>;
     /// Resumes a request paused on another context with `Authorization: Bearer <token>`.
@@ -203,7 +208,18 @@ impl Host for Envoy {
         abi::property(path).ok().flatten()
     }
 
+    fn set_property(&self, path: &[&str], value: &[u8]) -> Result<(), HostError> {
+        abi::set_property(path, value)
+    }
+
+    fn env(&self, name: &str) -> Option<String> {
+        // WASI's environment, which Envoy fills from vm_config.environment_variables.
+        std::env::var(name).ok()
+    }
+
     fn send_reply(&self, reply: &LocalReply) -> Result<(), HostError> {
+        // Access logs say why the filter answered: the error code as filter state.
+        let _ = abi::set_property(&["openai_wif.error"], reply.code.as_bytes());
         let headers: Vec<(&str, &str)> = reply
             .headers
             .iter()
