@@ -17,8 +17,8 @@ Three checks, one output line per document or finding:
    (an Istio `outbound|port||host` cluster with its ServiceEntry and, for TLS ports, a SIMPLE
    DestinationRule; or a cluster an EnvoyFilter adds, with the listener, volume or socket it
    needs; the token-file listener on 127.0.0.1 only), gateways named by VirtualServices exist,
-   WasmPlugin and AuthorizationPolicy selectors select the egress gateway. Then Istio's semantics,
-   each finding naming its rule:
+   WasmPlugin, AuthorizationPolicy and Telemetry selectors select the egress gateway. Then
+   Istio's semantics, each finding naming its rule:
    - phase-stats: every WasmPlugin runs in phase STATS, after Istio's RBAC filter.
    - fail-reload: every WasmPlugin has failStrategy FAIL_RELOAD (fails closed; never FAIL_OPEN).
    - gateway-plugin-match: gateway WasmPlugins match mode CLIENT on the port of the Gateway server
@@ -34,6 +34,18 @@ Three checks, one output line per document or finding:
      server and VirtualService take to the token endpoint with TLS originated at the gateway.
    - tls-origination-export: DestinationRules that originate TLS are exported to their own
      namespace only (exportTo ["."]), the egress gateway's.
+   - upstream-clusters: every WasmPlugin lists the clusters its hosts' routes lead to, and only
+     those, in upstream_clusters.
+   - caller-rules: a plugin's `callers` load in the filter (names unique and well-formed, a
+     service account per rule, principals exact or a prefix with one trailing `*`), every principal
+     is a mesh workload's SPIFFE ID or a prefix that names a whole namespace, and none is already
+     matched by an earlier rule (first match wins).
+   - caller-peer-certificate: caller rules run on the egress gateway, behind a Gateway server that
+     requires the callers' Istio certificates (ISTIO_MUTUAL), reading the peer certificate.
+   - caller-fence: the DENY AuthorizationPolicy on the gateway admits every principal the rules
+     name (the fence refuses everyone else before the filter runs).
+   The OpenAI ids may come from the VM environment (vmConfig.env OPENAI_IDENTITY_PROVIDER_ID /
+   OPENAI_SERVICE_ACCOUNT_ID) when pluginConfig omits them, never from both.
 3. Envoy: the listeners and clusters that EnvoyFilters add are loaded by a real Envoy in
    `--mode validate` (when an envoy binary is available), since the CRD does not check them.
 
@@ -945,6 +957,12 @@ RULE_PINNED = "image-pinned"
 RULE_SIDECAR_TOKEN = "sidecar-token-via-gateway"
 RULE_TLS_EXPORT = "tls-origination-export"
 RULE_UPSTREAM = "upstream-clusters"
+RULE_CALLERS = "caller-rules"
+RULE_CALLER_CERT = "caller-peer-certificate"
+RULE_CALLER_FENCE = "caller-fence"
+
+# The filter's ids and the VM environment variables it reads when pluginConfig omits them.
+ID_ENV = {"identity_provider_id": "OPENAI_IDENTITY_PROVIDER_ID", "service_account_id": "OPENAI_SERVICE_ACCOUNT_ID"}
 
 # What `make pin` / `python -m tools.oci_image --pin` rewrites: the committed placeholders.
 PLACEHOLDER_DIGEST = "0" * 64
@@ -1090,13 +1108,45 @@ def check_plugin_clusters(m: Manifests) -> list[Finding]:
     return findings
 
 
+def _vm_env(plugin: Document) -> dict[str, dict]:
+    """The plugin's vmConfig.env entries by name."""
+    entries = ((plugin.spec.get("vmConfig") or {}).get("env")) or []
+    return {e["name"]: e for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)}
+
+
+def _id_problems(plugin: Document, config: dict) -> tuple[list[str], list[str]]:
+    """(problems, notes) for the two OpenAI ids: each is in pluginConfig or, when pluginConfig omits
+    it, in the VM's environment (vmConfig.env: an INLINE value, or HOST, the istio-proxy container's
+    own variable). Never both: the pluginConfig value would silently win over the environment."""
+    env = _vm_env(plugin)
+    problems, notes = [], []
+    for key, var in ID_ENV.items():
+        entry = env.get(var)
+        from_host = entry is not None and entry.get("valueFrom") == "HOST"
+        if key in config and entry is not None:
+            problems.append(f"{key} is set in pluginConfig and {var} in vmConfig.env: the filter uses the "
+                            "pluginConfig value and ignores the variable; set it in one place")
+        elif key in config:
+            if not config.get(key):
+                problems.append(f"{key} is empty")
+        elif entry is None:
+            problems.append(f"{key} is missing (in pluginConfig or as {var} in vmConfig.env)")
+        elif from_host:
+            notes.append(f"{key} from {var} (HOST: the istio-proxy container's environment)")
+        elif not entry.get("value"):
+            problems.append(f"{key} is omitted from pluginConfig, but vmConfig.env {var} has no value")
+        else:
+            notes.append(f"{key} from {var}")
+    return problems, notes
+
+
 def check_plugin_config(m: Manifests) -> list[Finding]:
     """The pluginConfig follows the filter's configuration contract."""
     findings = []
     for plugin in m.kind("WasmPlugin"):
         config = plugin.spec.get("pluginConfig") or {}
-        problems = [f"{key} is missing" for key in ("identity_provider_id", "service_account_id", "token_endpoint",
-                                                    "hosts") if not config.get(key)]
+        problems, notes = _id_problems(plugin, config)
+        problems += [f"{key} is missing" for key in ("token_endpoint", "hosts") if not config.get(key)]
         source = (config.get("subject_token") or {}).get("source", "header")
         if source not in PLUGIN_SOURCES:
             problems.append(f"subject_token.source {source!r} is not one of {sorted(PLUGIN_SOURCES)}")
@@ -1104,7 +1154,7 @@ def check_plugin_config(m: Manifests) -> list[Finding]:
             if not any(host in (se.spec.get("hosts") or []) for se in m.kind("ServiceEntry")):
                 problems.append(f"host {host} has no ServiceEntry")
         findings.append(Finding(not problems, plugin.ref, "; ".join(problems) or
-                                f"source {source}, hosts {config.get('hosts')}"))
+                                ", ".join([f"source {source}, hosts {config.get('hosts')}"] + notes)))
     return findings
 
 
@@ -1194,7 +1244,7 @@ def check_root_selectors(m: Manifests) -> list[Finding]:
     it must name both gateway labels: `istio` alone also selects another egress gateway release."""
     findings = []
     keys = {"WasmPlugin": "selector", "AuthorizationPolicy": "selector", "EnvoyFilter": "workloadSelector",
-            "Gateway": "selector"}
+            "Gateway": "selector", "Telemetry": "selector"}
     for kind, key in keys.items():
         for doc in m.kind(kind):
             if doc.namespace != ROOT_NAMESPACE:
@@ -1329,11 +1379,13 @@ def check_gateway_references(m: Manifests) -> list[Finding]:
 
 def check_selectors(m: Manifests) -> list[Finding]:
     findings = []
-    for doc in m.kind("WasmPlugin") + m.kind("AuthorizationPolicy"):
+    for doc in m.kind("WasmPlugin") + m.kind("AuthorizationPolicy") + m.kind("Telemetry"):
         labels = _labels(doc.spec.get("selector"))
         if not labels:
             findings.append(Finding(False, doc.ref, "selector.matchLabels is empty: it would apply to every "
-                                                    "workload in its namespace"))
+                                                    "workload in its namespace" + (
+                                                        " (in the root namespace: the whole mesh)"
+                                                        if doc.namespace == ROOT_NAMESPACE else "")))
         elif doc.kind == "WasmPlugin" and not _is_gateway_plugin(m, doc):
             client = bool(doc.spec.get("match")) and all((e or {}).get("mode") == "CLIENT"
                                                         for e in doc.spec.get("match") or [])
@@ -1352,6 +1404,338 @@ def check_namespaces(m: Manifests) -> list[Finding]:
     return [Finding(False, d.ref, "metadata.namespace must be explicit (selection depends on it)") for d in missing]
 
 
+# --- caller rules -------------------------------------------------------------------------------
+
+RULE_KEYS = {"name", "principals", "service_account_id", "identity_provider_id"}
+CALLER_IDENTITIES = ("peer_certificate", "x-forwarded-client-cert")
+_RULE_NAME = re.compile(r"^[a-z0-9_-]{1,64}$")
+# Istio's workload SPIFFE ID: spiffe://<trust domain>/ns/<namespace>/sa/<service account>; a trust
+# domain has lower-case letters, digits, '.', '-' and '_' (SPIFFE ID spec), a namespace is a DNS-1123
+# label and a service account a DNS-1123 subdomain.
+_TRUST_DOMAIN = r"[a-z0-9._-]+"
+_NAMESPACE = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_MESH_ID = re.compile(rf"^spiffe://{_TRUST_DOMAIN}/ns/{_NAMESPACE}/sa/[a-z0-9](?:[-a-z0-9.]{{0,251}}[a-z0-9])?$")
+# What may stand before a trailing '*': a whole namespace, or a service account name prefix in one.
+_MESH_PREFIX = re.compile(rf"^spiffe://{_TRUST_DOMAIN}/ns/{_NAMESPACE}/(?:sa/[-a-z0-9.]*)?$")
+_PRINCIPAL_NAMESPACE = re.compile(r"^[^/]+/ns/([^/]+)/")
+_WHOLE_NAMESPACE = re.compile(r"^[^/]+/ns/[^/]+/$")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A set of callers as Istio names them (the SPIFFE ID without `spiffe://`): one principal, or
+    every principal that starts with `value` (a rule's trailing `*`)."""
+    value: str
+    prefix: bool = False
+
+    @property
+    def shown(self) -> str:
+        return f"spiffe://{self.value}{'*' if self.prefix else ''}"
+
+    @property
+    def namespace(self) -> str | None:
+        match = _PRINCIPAL_NAMESPACE.match(self.value)
+        return match.group(1) if match else None
+
+    @property
+    def mesh_value(self) -> str:
+        """The value as the mesh's principals can have it: every workload ID in a namespace goes on
+        with `sa/`, so the prefix `<td>/ns/<ns>/` names the same callers as `<td>/ns/<ns>/sa/`."""
+        return self.value + "sa/" if self.prefix and _WHOLE_NAMESPACE.match(self.value) else self.value
+
+    def within(self, other: "Caller") -> bool:
+        """Whether every caller of this set is in `other` (a rule principal that `other` matches first)."""
+        if other.prefix:
+            return self.mesh_value.startswith(other.mesh_value)
+        return not self.prefix and self.value == other.value
+
+
+def _filter_principal(pattern) -> Caller | None:
+    """The filter's own syntax (src/callers.rs): non-empty printable ASCII, exact or a non-empty
+    prefix and one trailing `*`."""
+    if not isinstance(pattern, str) or not pattern or not all("!" <= c <= "~" for c in pattern):
+        return None
+    body, star = (pattern[:-1], True) if pattern.endswith("*") else (pattern, False)
+    if not body or "*" in body:
+        return None
+    return Caller(body.removeprefix("spiffe://"), star)
+
+
+def _principal_problem(where: str, pattern) -> tuple[Caller | None, str | None]:
+    caller = _filter_principal(pattern)
+    if caller is None:
+        return None, (f"{where} {pattern!r} is refused by the filter: a principal is exact or a non-empty prefix "
+                      "with one trailing '*'")
+    if not pattern.startswith("spiffe://"):
+        return None, (f"{where} {pattern} is not a SPIFFE ID: rules name the URI SAN of the caller's certificate, "
+                      "spiffe://<trust domain>/ns/<namespace>/sa/<service account>, not the AuthorizationPolicy's "
+                      "form without spiffe://")
+    if caller.prefix and not _MESH_PREFIX.match(pattern[:-1]):
+        return None, (f"{where} {pattern} must name a whole namespace before its '*' (spiffe://<trust domain>/ns/"
+                      "<namespace>/*, or .../sa/<service account prefix>*): a prefix that ends inside a namespace "
+                      "name or the trust domain spans namespaces, which the AuthorizationPolicy cannot fence")
+    if not caller.prefix and not _MESH_ID.match(pattern):
+        return None, (f"{where} {pattern} is not a mesh workload's SPIFFE ID (spiffe://<trust domain>/ns/<namespace>/"
+                      "sa/<service account>), the URI SAN of the caller's Istio certificate")
+    return caller, None
+
+
+def plugin_callers(plugin: Document) -> list[tuple[str, str, Caller]]:
+    """(rule name, field, caller) for every well-formed principal of the plugin's caller rules."""
+    found = []
+    for i, rule in enumerate((plugin.spec.get("pluginConfig") or {}).get("callers") or []):
+        if not isinstance(rule, dict):
+            continue
+        for j, pattern in enumerate(rule.get("principals") or []):
+            caller, _ = _principal_problem(f"callers[{i}].principals[{j}]", pattern)
+            if caller:
+                found.append((str(rule.get("name")), f"callers[{i}].principals[{j}]", caller))
+    return found
+
+
+def _has_callers(plugin: Document) -> bool:
+    return "callers" in (plugin.spec.get("pluginConfig") or {})
+
+
+def check_caller_rules(m: Manifests) -> list[Finding]:
+    """Caller rules as the filter loads them (refused there with the field named, and so the whole
+    plugin with FAIL_RELOAD), plus what only the mesh knows: each principal is a workload's SPIFFE ID
+    or a prefix that names a whole namespace, and no principal is already matched by an earlier rule
+    (first match wins, so it would never apply)."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        if not _has_callers(plugin):
+            continue
+        config = plugin.spec.get("pluginConfig") or {}
+        rules, problems, names, earlier = config.get("callers"), [], set(), []
+        if not isinstance(rules, list) or not rules:
+            problems.append("callers must list at least one rule, or be left out")
+            rules = []
+        for i, rule in enumerate(rules):
+            where = f"callers[{i}]"
+            if not isinstance(rule, dict):
+                problems.append(f"{where} must be a mapping")
+                continue
+            unknown = sorted(set(rule) - RULE_KEYS)
+            if unknown:
+                problems.append(f"{where} has unknown fields {unknown} (the filter refuses them)")
+            name = rule.get("name")
+            if not isinstance(name, str) or not _RULE_NAME.match(name):
+                problems.append(f"{where}.name {name!r} must be 1 to 64 of a-z, 0-9, '_' and '-' (it names the "
+                                "rule's counters)")
+            elif name in names:
+                problems.append(f"{where}.name {name!r} names an earlier rule too")
+            names.add(name)
+            for key in ("service_account_id", "identity_provider_id"):
+                if (key == "service_account_id" or key in rule) and (not isinstance(rule.get(key), str)
+                                                                     or not rule.get(key)):
+                    problems.append(f"{where}.{key} must be a non-empty string")
+            principals = rule.get("principals")
+            if not isinstance(principals, list) or not principals:
+                problems.append(f"{where}.principals must list at least one principal")
+                continue
+            mine = []
+            for j, pattern in enumerate(principals):
+                field_name = f"{where}.principals[{j}]"
+                caller, problem = _principal_problem(field_name, pattern)
+                if problem:
+                    problems.append(problem)
+                    continue
+                first = next(((n, f) for n, f, c in earlier if caller.within(c)), None)
+                if first:
+                    problems.append(f"{field_name} {pattern} is matched first by {first[1]} (rule {first[0]}): "
+                                    "first match wins, so it never applies")
+                mine.append((str(name), field_name, caller))
+            earlier += mine
+        identity = config.get("caller_identity", "peer_certificate")
+        if identity not in CALLER_IDENTITIES:
+            problems.append(f"caller_identity {identity!r} must be one of {list(CALLER_IDENTITIES)}")
+        findings.append(_rule(RULE_CALLERS, not problems, plugin.ref, "; ".join(problems) or
+                              f"{len(rules)} rules ({', '.join(str(r.get('name')) for r in rules)}), "
+                              f"{sum(len(r.get('principals') or []) for r in rules)} principals, first match wins"))
+    return findings
+
+
+def _caller_servers(m: Manifests, plugin: Document) -> list[tuple[Document, dict]]:
+    """The Gateway servers that serve the plugin's hosts on the gateway it selects."""
+    hosts = set((plugin.spec.get("pluginConfig") or {}).get("hosts") or [])
+    return [(g, server) for g in _plugin_gateways(m, plugin) for server in g.spec.get("servers") or []
+            if any(_server_host(h)[1] in hosts for h in server.get("hosts") or [])]
+
+
+def check_caller_certificate(m: Manifests) -> list[Finding]:
+    """Caller rules read the caller from the downstream peer certificate: on the egress gateway,
+    whose Gateway server for the plugin's hosts terminates the callers' Istio mutual TLS, that is
+    the calling sidecar's certificate (URI SAN = its SPIFFE ID). In an application's sidecar
+    (outbound) the downstream is the application itself over plain HTTP: no certificate, every
+    request refused. x-forwarded-client-cert is for a gateway behind another hop that terminates
+    mutual TLS; where the gateway terminates it itself, the certificate is the caller."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        if not _has_callers(plugin):
+            continue
+        identity = (plugin.spec.get("pluginConfig") or {}).get("caller_identity", "peer_certificate")
+        servers = _caller_servers(m, plugin)
+        if not _is_gateway_plugin(m, plugin):
+            problem = ("caller rules in an application's sidecar: its downstream is the application over plain "
+                       "HTTP, with no peer certificate, so every request would be refused (403 caller_not_allowed); "
+                       "put caller rules on the egress gateway")
+        elif not servers:
+            problem = "no Gateway server of the gateway it selects serves its hosts"
+        else:
+            modes = sorted({(s.get("tls") or {}).get("mode", "none") for _, s in servers})
+            plain = [f"{g.ref} server {(s.get('port') or {}).get('name')}" for g, s in servers
+                     if (s.get("tls") or {}).get("mode") not in ("ISTIO_MUTUAL", "MUTUAL")]
+            if plain:
+                problem = (f"{', '.join(plain)} does not require client certificates (tls.mode ISTIO_MUTUAL): "
+                           "callers arrive without a peer certificate and are all refused")
+            elif identity == "x-forwarded-client-cert":
+                problem = (f"caller_identity x-forwarded-client-cert, but the gateway terminates the callers' mutual "
+                           f"TLS itself ({', '.join(modes)}): read the peer certificate (caller_identity "
+                           "peer_certificate), not a header another hop would have to set")
+            else:
+                problem = ""
+        findings.append(_rule(RULE_CALLER_CERT, not problem, plugin.ref, problem or
+                              f"the caller is the peer certificate of {', '.join(sorted({g.ref for g, _ in servers}))} "
+                              f"({', '.join(sorted({(s.get('tls') or {}).get('mode') for _, s in servers}))}): "
+                              "the calling sidecar's Istio certificate"))
+    return findings
+
+
+def _istio_matches(pattern: str, value: str) -> bool:
+    """Istio's string match in AuthorizationPolicies: `*`, `*suffix`, `prefix*` or exact."""
+    if pattern == "*":
+        return bool(value)
+    if pattern.startswith("*"):
+        return value.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+def _istio_covers(pattern: str, caller: Caller) -> bool:
+    """Whether an Istio pattern matches every principal of the caller set."""
+    if not caller.prefix:
+        return _istio_matches(pattern, caller.value)
+    if pattern == "*":
+        return True
+    return pattern.endswith("*") and not pattern.startswith("*") and caller.mesh_value.startswith(pattern[:-1])
+
+
+def _istio_may_match(pattern: str, caller: Caller) -> bool:
+    """Whether an Istio pattern may match some principal of the caller set."""
+    if not caller.prefix:
+        return _istio_matches(pattern, caller.value)
+    if pattern == "*" or pattern.startswith("*"):
+        return True
+    if pattern.endswith("*"):
+        stem = pattern[:-1]
+        return stem.startswith(caller.mesh_value) or caller.mesh_value.startswith(stem)
+    return pattern.startswith(caller.mesh_value)
+
+
+def _source_excludes(source: dict, caller: Caller) -> bool:
+    """Whether an AuthorizationPolicy source surely matches no principal of the caller set. Its
+    fields are ANDed, so one field that excludes the callers is enough; fields not modelled here
+    (request principals, IP blocks) only narrow a source, so they never make it exclude more."""
+    namespace = caller.namespace
+    if any(_istio_covers(p, caller) for p in source.get("notPrincipals") or []):
+        return True
+    if "principals" in source and not any(_istio_may_match(p, caller) for p in source.get("principals") or []):
+        return True
+    if namespace and any(_istio_matches(n, namespace) for n in source.get("notNamespaces") or []):
+        return True
+    if namespace and "namespaces" in source and not any(_istio_matches(n, namespace)
+                                                        for n in source.get("namespaces") or []):
+        return True
+    return False
+
+
+def _rule_reaches(rule: dict, hosts: list) -> bool:
+    """Whether an AuthorizationPolicy rule's `to` may match requests for these hosts."""
+    targets = rule.get("to")
+    if not targets:
+        return True
+    for target in targets:
+        operation = (target or {}).get("operation") or {}
+        if "hosts" in operation and not any(_istio_matches(p, h) for p in operation["hosts"] or [] for h in hosts):
+            continue
+        if hosts and all(any(_istio_matches(p, h) for p in operation.get("notHosts") or []) for h in hosts):
+            continue
+        return True
+    return False
+
+
+def _gateway_policies(m: Manifests, plugin: Document) -> list[Document]:
+    gateways = _plugin_gateways(m, plugin)
+    return [ap for ap in m.kind("AuthorizationPolicy") for g in gateways[:1]
+            if ap.namespace in (g.namespace, ROOT_NAMESPACE)
+            and _subset(_labels(ap.spec.get("selector")), _labels(g.spec.get("selector")))]
+
+
+def _denied_by(policies: list[Document], caller: Caller, hosts: list) -> list[str]:
+    """The DENY policies (and rule index) that may refuse some principal of the caller set."""
+    refusing = []
+    for ap in policies:
+        if ap.spec.get("action", "ALLOW") != "DENY":
+            continue
+        for index, rule in enumerate(ap.spec.get("rules") or []):
+            sources = [(s or {}).get("source") or {} for s in rule.get("from") or []]
+            if _rule_reaches(rule, hosts) and (not sources or any(not _source_excludes(s, caller) for s in sources)):
+                refusing.append(f"{ap.ref} rule[{index}]")
+    return refusing
+
+
+def _fence_admits(policies: list[Document], hosts: list) -> list[Caller]:
+    """The principals a DENY policy's `notPrincipals` admit (the fence's own list)."""
+    admitted = []
+    for ap in policies:
+        if ap.spec.get("action", "ALLOW") != "DENY":
+            continue
+        for rule in ap.spec.get("rules") or []:
+            if not _rule_reaches(rule, hosts):
+                continue
+            for entry in rule.get("from") or []:
+                for pattern in ((entry or {}).get("source") or {}).get("notPrincipals") or []:
+                    if pattern.endswith("*") and not pattern.startswith("*") and pattern != "*":
+                        admitted.append(Caller(pattern[:-1], True))
+                    elif "*" not in pattern:
+                        admitted.append(Caller(pattern))
+    return admitted
+
+
+def check_caller_fence(m: Manifests) -> list[Finding]:
+    """The AuthorizationPolicy stays the outer fence: a DENY policy on the gateway that refuses a
+    principal a caller rule names stops that team with 403 `RBAC: access denied` before the filter
+    (phase STATS) sees it, so every principal the rules name must be admitted. Principals the fence
+    admits but no rule names are shown: those callers get 403 caller_not_allowed from the filter.
+    ALLOW policies are not modelled (the shipped fence is one DENY policy)."""
+    findings = []
+    for plugin in m.kind("WasmPlugin"):
+        if not _has_callers(plugin) or not _is_gateway_plugin(m, plugin):
+            continue
+        hosts = (plugin.spec.get("pluginConfig") or {}).get("hosts") or []
+        policies = _gateway_policies(m, plugin)
+        callers = plugin_callers(plugin)
+        problems = []
+        if not any(ap.spec.get("action") == "DENY" for ap in policies):
+            problems.append("no DENY AuthorizationPolicy on the gateway fences who may call "
+                            f"{', '.join(hosts)}: every mesh workload reaches the caller rules")
+        for name, where, caller in callers:
+            refusing = _denied_by(policies, caller, hosts)
+            if refusing:
+                problems.append(f"{where} {caller.shown} (rule {name}) is refused by {', '.join(refusing)}: that team "
+                                "gets 403 RBAC: access denied before the filter runs; admit "
+                                f"{caller.value}{'*' if caller.prefix else ''} in its notPrincipals")
+        unnamed = [a for a in _fence_admits(policies, hosts) if not any(a.within(c) for _, _, c in callers)]
+        note = (f"; admitted but named by no rule (403 caller_not_allowed): "
+                f"{', '.join(a.value + ('*' if a.prefix else '') for a in unnamed)}" if unnamed else "")
+        findings.append(_rule(RULE_CALLER_FENCE, not problems, plugin.ref, "; ".join(problems) or
+                              f"{', '.join(ap.ref for ap in policies)} admits every principal the rules name "
+                              f"({', '.join(c.shown for _, _, c in callers)}){note}"))
+    return findings
+
+
 def cross_check(docs: list[Document], template: bool = False) -> list[Finding]:
     """Every cross-document check. `template` accepts the committed image placeholders (see
     check_image_pinned); without it they fail, as they must before `kubectl apply`."""
@@ -1360,7 +1744,8 @@ def cross_check(docs: list[Document], template: bool = False) -> list[Finding]:
             + check_gateway_references(m) + check_selectors(m)
             + check_phase(m) + check_fail_strategy(m) + check_gateway_plugin_match(m) + check_gateway_hosts(m)
             + check_root_selectors(m) + check_image_pinned(m, template) + check_tls_origination_export(m)
-            + check_upstream_clusters(m))
+            + check_upstream_clusters(m) + check_caller_rules(m) + check_caller_certificate(m)
+            + check_caller_fence(m))
 
 
 # --- Envoy's view of the EnvoyFilter patches -----------------------------------------------------
