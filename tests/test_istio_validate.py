@@ -87,9 +87,11 @@ def test_manifests_pass_the_cross_checks(manifests):
     assert not failed, "\n".join(failed)
     # Every plugin's token endpoint and platform source was resolved.
     plugins = [d for d in manifests if d.kind == "WasmPlugin"]
-    sources = {(d.spec["pluginConfig"]["subject_token"]["source"], d.namespace) for d in plugins}
-    assert sources == {("header", "istio-system"), ("kubernetes", "istio-system"), ("gcp_metadata", "istio-system"),
-                       ("azure_imds", "istio-system"), ("spiffe", "istio-system"), ("header", "ai"), ("kubernetes", "ai")}
+    sources = [(d.spec["pluginConfig"]["subject_token"]["source"], d.namespace) for d in plugins]
+    assert set(sources) == {("header", "istio-system"), ("kubernetes", "istio-system"), ("gcp_metadata", "istio-system"),
+                            ("azure_imds", "istio-system"), ("spiffe", "istio-system"), ("header", "ai"),
+                            ("kubernetes", "ai")}
+    assert sources.count(("kubernetes", "istio-system")) == 2  # kubernetes/ and callers/
     resolved = [f for f in findings if " cluster " in f.subject or "token_endpoint.cluster " in f.subject]
     assert len(resolved) == len(plugins) + sum(1 for s, _ in sources if s != "header")
 
@@ -269,7 +271,7 @@ def test_service_entries_must_be_visible_to_the_plugin(manifests):
     # plugins and the gateway leg of the sidecar variants' exchanges lose their cluster.
     docs = edited(manifests, lambda d: d.name == "openai-auth", lambda o: o["spec"].update(exportTo=["ai"]))
     lines = failures(docs)
-    assert sum("istio-system/openai-wif " in l and "not exported to namespace istio-system" in l for l in lines) == 5
+    assert sum("istio-system/openai-wif " in l and "not exported to namespace istio-system" in l for l in lines) == 6
     assert sum("ai/openai-wif-sidecar" in l and "at the gateway: no ServiceEntry not exported to namespace istio-system"
                in l for l in lines) == 2
 
@@ -359,7 +361,7 @@ def test_selectors_must_select_the_gateway(manifests):
                   lambda o: o["spec"]["selector"]["matchLabels"].update(istio="ingressgateway"))
     lines = failures(docs)
     assert any("AuthorizationPolicy istio-system/openai-egress-callers" in l and "matches no Gateway" in l for l in lines)
-    assert sum("WasmPlugin istio-system/openai-wif" in l and "matches no Gateway" in l for l in lines) == 5
+    assert sum("WasmPlugin istio-system/openai-wif" in l and "matches no Gateway" in l for l in lines) == 6
 
 
 def test_envoy_rejects_a_misspelt_patch(manifests):
@@ -375,8 +377,9 @@ def test_envoy_rejects_a_misspelt_patch(manifests):
 # --- Istio semantics: each rule refuses a bad manifest, naming the rule and the file ---------------
 
 RULE_PASSES = {  # rule -> findings it makes on the shipped manifests (all must pass)
-    iv.RULE_PHASE: 7, iv.RULE_FAIL: 7, iv.RULE_MATCH: 5, iv.RULE_HOSTS: 1, iv.RULE_SELECTOR: 9,
-    iv.RULE_PINNED: 7, iv.RULE_SIDECAR_TOKEN: 2, iv.RULE_TLS_EXPORT: 2,
+    iv.RULE_PHASE: 8, iv.RULE_FAIL: 8, iv.RULE_MATCH: 6, iv.RULE_HOSTS: 1, iv.RULE_SELECTOR: 11,
+    iv.RULE_PINNED: 8, iv.RULE_SIDECAR_TOKEN: 2, iv.RULE_TLS_EXPORT: 2, iv.RULE_UPSTREAM: 8,
+    iv.RULE_CALLERS: 1, iv.RULE_CALLER_CERT: 1, iv.RULE_CALLER_FENCE: 1,
 }
 
 
@@ -487,8 +490,9 @@ def test_application_namespace_selectors_need_only_their_own_labels(manifests):
 def test_the_committed_placeholders_are_refused_unless_template(manifests):
     # Before `kubectl apply` (no --template): every plugin is refused until it is pinned.
     lines = [l for l in failures(manifests, template=False)]
-    assert len(lines) == 7 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
-    for part in ("header", "kubernetes", "gcp-metadata", "azure-imds", "spiffe", "sidecar-header", "sidecar-kubernetes"):
+    assert len(lines) == 8 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
+    for part in ("header", "kubernetes", "gcp-metadata", "azure-imds", "spiffe", "sidecar-header", "sidecar-kubernetes",
+                 "callers"):
         assert any(f"istio/{part}/wasmplugin.yaml" in l for l in lines), part
     assert "the all-zero sha256 and the repository placeholder" in lines[0]
     assert "--pin istio --repository" in lines[0]
@@ -510,7 +514,7 @@ def test_cli_refuses_the_unpinned_manifests():
                           timeout=120)
     assert proc.returncode == 1
     failed = [l for l in proc.stdout.splitlines() if l.startswith("FAIL")]
-    assert len(failed) == 7 and all(f"[{iv.RULE_PINNED}]" in l for l in failed)
+    assert len(failed) == 8 and all(f"[{iv.RULE_PINNED}]" in l for l in failed)
 
 
 def pin_copy(tmp_path, *repository) -> tuple[Path, str]:
@@ -524,7 +528,7 @@ def pin_copy(tmp_path, *repository) -> tuple[Path, str]:
                            str(tmp_path / "oci-image"), "--tag", "1.2.3", "--pin", str(copy_dir), *repository],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("pinned ") == 7
+    assert proc.stdout.count("pinned ") == 8
     return copy_dir, proc.stdout.strip().splitlines()[-1]
 
 
@@ -542,7 +546,7 @@ def test_pinned_manifests_pass_every_check(tmp_path, catalog):
 def test_make_pin_without_a_repository_leaves_only_the_repository_to_set(tmp_path):
     pinned, _ = pin_copy(tmp_path)  # `make pin`: digest and tag, the repository stays ghcr.io/<org>/...
     lines = failures(iv.collect_documents([pinned]), template=False)
-    assert len(lines) == 7 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
+    assert len(lines) == 8 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
     assert all("the repository placeholder in oci://ghcr.io/<org>/openai-wif:1.2.3" in l and "all-zero" not in l
                for l in lines)
 
@@ -703,3 +707,241 @@ def test_plugins_send_tokens_only_to_their_routes_clusters(manifests):
                            lambda o: o["spec"]["pluginConfig"].update(upstream_clusters=["outbound|443||api.openai.com"])),
                     iv.RULE_UPSTREAM, "istio/sidecar-header/wasmplugin.yaml")
     assert "istio-egressgateway.istio-system.svc.cluster.local" in lines[0]
+
+
+# --- caller rules (istio/callers/) ---------------------------------------------------------------------
+
+CALLERS_PLUGIN = "istio/callers/wasmplugin.yaml"
+
+
+def is_callers_plugin(d):
+    return is_plugin("callers/")(d)
+
+
+def with_callers(manifests, edit):
+    """The manifests with the callers plugin's pluginConfig edited."""
+    return edited(manifests, is_callers_plugin, lambda o: edit(o["spec"]["pluginConfig"]))
+
+
+def set_rules(rules):
+    return lambda config: config.update(callers=rules)
+
+
+INFERENCE = {"name": "inference", "principals": ["spiffe://cluster.local/ns/ai/sa/inference"],
+             "service_account_id": "sa_inference"}
+BATCH = {"name": "batch", "principals": ["spiffe://cluster.local/ns/batch/*"], "service_account_id": "sa_batch"}
+
+
+def rule(**fields):
+    return {**INFERENCE, **fields}
+
+
+def test_the_callers_plugin_is_a_gateway_plugin_with_two_teams(manifests):
+    plugin = next(d for d in manifests if is_callers_plugin(d))
+    config = plugin.spec["pluginConfig"]
+    assert (plugin.namespace, plugin.name) == ("istio-system", "openai-wif")  # replaces kubernetes/ when applied
+    assert [(r["name"], r["principals"]) for r in config["callers"]] == [
+        ("inference", ["spiffe://cluster.local/ns/ai/sa/inference"]), ("batch", ["spiffe://cluster.local/ns/batch/*"])]
+    assert config["subject_token"]["source"] == "kubernetes"
+    assert "identity_provider_id" not in config and "service_account_id" not in config
+    assert {e["name"] for e in plugin.spec["vmConfig"]["env"]} == {"OPENAI_IDENTITY_PROVIDER_ID",
+                                                                   "OPENAI_SERVICE_ACCOUNT_ID"}
+    findings = [f for f in iv.cross_check(manifests, template=True) if CALLERS_PLUGIN in f.subject]
+    assert findings and all(f.ok for f in findings), "\n".join(f.line() for f in findings if not f.ok)
+    config_line = next(f.message for f in findings if f.message.startswith("source kubernetes"))
+    assert "identity_provider_id from OPENAI_IDENTITY_PROVIDER_ID" in config_line
+    assert "service_account_id from OPENAI_SERVICE_ACCOUNT_ID" in config_line
+
+
+@pytest.mark.parametrize("rules,expected", [
+    ([], "callers must list at least one rule, or be left out"),
+    ([rule(principals=[])], "callers[0].principals must list at least one principal"),
+    ([rule(principals=["*"])], "callers[0].principals[0] '*' is refused by the filter"),
+    ([rule(principals=["spiffe://cluster.local/ns/*/sa/inference"])], "callers[0].principals[0] "
+     "'spiffe://cluster.local/ns/*/sa/inference' is refused by the filter"),
+    ([rule(principals=["spiffe://cluster.local/ns/ai/sa/inference", ""])], "callers[0].principals[1] '' is refused"),
+    ([rule(principals=["cluster.local/ns/ai/sa/inference"])], "is not a SPIFFE ID: rules name the URI SAN"),
+    ([rule(principals=["spiffe://cluster.local/ns/ai/inference"])], "is not a mesh workload's SPIFFE ID"),
+    ([rule(principals=["spiffe://cluster.local/ns/AI/sa/inference"])], "is not a mesh workload's SPIFFE ID"),
+    ([rule(principals=["spiffe://cluster.local/ns/bat*"])], "must name a whole namespace before its '*'"),
+    ([rule(principals=["spiffe://cluster.local/*"])], "must name a whole namespace before its '*'"),
+    ([INFERENCE, rule(principals=["spiffe://cluster.local/ns/x/sa/y"])],
+     "callers[1].name 'inference' names an earlier rule too"),
+    ([rule(name="Team AI")], "callers[0].name 'Team AI' must be 1 to 64 of a-z, 0-9"),
+    ([rule(name="a" * 65)], "must be 1 to 64"),
+    ([{k: v for k, v in INFERENCE.items() if k != "service_account_id"}],
+     "callers[0].service_account_id must be a non-empty string"),
+    ([rule(identity_provider_id="")], "callers[0].identity_provider_id must be a non-empty string"),
+    ([rule(team="ai")], "callers[0] has unknown fields ['team']"),
+    ([BATCH, {"name": "nightly", "principals": ["spiffe://cluster.local/ns/batch/sa/nightly"],
+              "service_account_id": "sa_nightly"}],
+     "callers[1].principals[0] spiffe://cluster.local/ns/batch/sa/nightly is matched first by "
+     "callers[0].principals[0] (rule batch): first match wins, so it never applies"),
+    ([BATCH, rule(name="jobs", principals=["spiffe://cluster.local/ns/batch/sa/job-*"])],
+     "is matched first by callers[0].principals[0] (rule batch)"),
+    ([INFERENCE, rule(name="again")], "callers[1].principals[0] spiffe://cluster.local/ns/ai/sa/inference is "
+     "matched first"),
+])
+def test_caller_rules_are_refused_as_the_filter_would(manifests, rules, expected):
+    lines = refused(with_callers(manifests, set_rules(rules)), iv.RULE_CALLERS, CALLERS_PLUGIN)
+    assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("rules", [
+    [{"name": "nightly", "principals": ["spiffe://cluster.local/ns/batch/sa/nightly"], "service_account_id": "sa_n"},
+     BATCH],  # the specific rule first: both apply
+    [rule(principals=["spiffe://cluster.local/ns/batch/sa/job-*"]), BATCH],
+    [rule(identity_provider_id="wip_other"), BATCH],
+])
+def test_caller_rules_the_filter_accepts_pass(manifests, rules):
+    docs = with_callers(manifests, set_rules(rules))
+    assert not [l for l in failures(docs) if CALLERS_PLUGIN in l]
+
+
+def test_caller_identity_is_one_the_filter_knows(manifests):
+    lines = refused(with_callers(manifests, lambda c: c.update(caller_identity="mtls")), iv.RULE_CALLERS,
+                    CALLERS_PLUGIN)
+    assert "caller_identity 'mtls' must be one of ['peer_certificate', 'x-forwarded-client-cert']" in lines[0]
+
+
+def test_caller_rules_need_the_callers_certificates(manifests):
+    # The gateway reads the caller from the peer certificate of its ISTIO_MUTUAL server.
+    def plain(obj):
+        server = obj["spec"]["servers"][0]
+        server.pop("tls")
+        server["port"].update(protocol="HTTP", name="http-openai")
+    lines = refused(edited(manifests, lambda d: d.kind == "Gateway", plain), iv.RULE_CALLER_CERT, CALLERS_PLUGIN)
+    assert "server http-openai does not require client certificates" in lines[0]
+
+    lines = refused(with_callers(manifests, lambda c: c.update(caller_identity="x-forwarded-client-cert")),
+                    iv.RULE_CALLER_CERT, CALLERS_PLUGIN)
+    assert "terminates the callers' mutual TLS itself (ISTIO_MUTUAL)" in lines[0]
+
+    # In an application's sidecar the downstream is the application: no certificate at all.
+    docs = edited(manifests, is_sidecar_plugin, lambda o: o["spec"]["pluginConfig"].update(callers=[INFERENCE]))
+    lines = refused(docs, iv.RULE_CALLER_CERT, "istio/sidecar-header/wasmplugin.yaml")
+    assert "caller rules in an application's sidecar" in lines[0] and "every request would be refused" in lines[0]
+
+
+def fence(edit):
+    return lambda manifests: edited(manifests, lambda d: d.kind == "AuthorizationPolicy", edit)
+
+
+def _source(obj):
+    return obj["spec"]["rules"][0]["from"][0]["source"]
+
+
+def test_the_fence_must_admit_every_principal_the_rules_name(manifests):
+    docs = fence(lambda o: _source(o).update(notPrincipals=["cluster.local/ns/ai/sa/inference"]))(manifests)
+    lines = refused(docs, iv.RULE_CALLER_FENCE, CALLERS_PLUGIN)
+    assert ("callers[1].principals[0] spiffe://cluster.local/ns/batch/* (rule batch) is refused by "
+            "AuthorizationPolicy istio-system/openai-egress-callers") in lines[0]
+    assert "403 RBAC: access denied before the filter runs" in lines[0] and "admit cluster.local/ns/batch/*" in lines[0]
+    assert "rule inference" not in lines[0]
+
+    # One service account of the namespace is not the whole namespace the rule names.
+    docs = fence(lambda o: _source(o)["notPrincipals"].__setitem__(1, "cluster.local/ns/batch/sa/nightly"))(manifests)
+    assert "(rule batch) is refused" in refused(docs, iv.RULE_CALLER_FENCE, CALLERS_PLUGIN)[0]
+
+    # Another DENY policy on the gateway that refuses the namespace refuses it too.
+    def second_policy(docs):
+        ap = next(copy.deepcopy(d) for d in docs if d.kind == "AuthorizationPolicy")
+        ap.obj["metadata"]["name"] = "no-batch"
+        ap.obj["spec"]["rules"][0]["from"] = [{"source": {"namespaces": ["batch"]}}]
+        return docs + [ap]
+    lines = refused(second_policy(manifests), iv.RULE_CALLER_FENCE, CALLERS_PLUGIN)
+    assert "(rule batch) is refused by AuthorizationPolicy istio-system/no-batch" in lines[0]
+
+    lines = refused(without(manifests, lambda d: d.kind == "AuthorizationPolicy"), iv.RULE_CALLER_FENCE, CALLERS_PLUGIN)
+    assert "no DENY AuthorizationPolicy on the gateway" in lines[0]
+
+
+@pytest.mark.parametrize("edit,note", [
+    (lambda o: _source(o)["notPrincipals"].__setitem__(1, "cluster.local/ns/batch/sa/*"), None),
+    (lambda o: o["spec"]["rules"][0]["from"][0]["source"].update(notPrincipals=["cluster.local/ns/ai/sa/inference"],
+                                                                 notNamespaces=["batch"]), None),
+    (lambda o: _source(o)["notPrincipals"].append("cluster.local/ns/research/*"),
+     "admitted but named by no rule (403 caller_not_allowed): cluster.local/ns/research/*"),
+    (lambda o: _source(o).update(notPrincipals=["cluster.local/ns/ai/*", "cluster.local/ns/batch/*"]),
+     "named by no rule (403 caller_not_allowed): cluster.local/ns/ai/*"),
+    # A DENY rule for other hosts only does not fence OpenAI's.
+    (lambda o: o["spec"]["rules"].append({"from": [{"source": {"namespaces": ["batch"]}}],
+                                          "to": [{"operation": {"hosts": ["example.com"]}}]}), None),
+])
+def test_fences_that_admit_the_rules_pass(manifests, edit, note):
+    findings = [f for f in iv.cross_check(fence(edit)(manifests), template=True)
+                if f"[{iv.RULE_CALLER_FENCE}]" in f.message]
+    assert len(findings) == 1 and findings[0].ok, findings[0].line()
+    assert (note in findings[0].message) if note else "named by no rule" not in findings[0].message
+
+
+@pytest.mark.parametrize("pattern,value,matches", [
+    ("*", "cluster.local/ns/a/sa/b", True),
+    ("*/sa/b", "cluster.local/ns/a/sa/b", True),
+    ("cluster.local/ns/a/*", "cluster.local/ns/a/sa/b", True),
+    ("cluster.local/ns/a/*", "cluster.local/ns/ab/sa/b", False),
+    ("cluster.local/ns/a/sa/b", "cluster.local/ns/a/sa/b", True),
+    ("cluster.local/ns/a/sa/b", "cluster.local/ns/a/sa/bc", False),
+])
+def test_istio_string_match(pattern, value, matches):
+    assert iv._istio_matches(pattern, value) is matches
+
+
+def test_prefix_callers_are_covered_only_by_a_broader_prefix():
+    batch = iv.Caller("cluster.local/ns/batch/", prefix=True)
+    assert iv._istio_covers("cluster.local/ns/batch/*", batch)
+    assert iv._istio_covers("cluster.local/ns/batch/sa/*", batch)  # every workload ID goes on with sa/
+    assert iv._istio_covers("cluster.local/*", batch) and iv._istio_covers("*", batch)
+    assert not iv._istio_covers("cluster.local/ns/batch/sa/job*", batch)
+    assert not iv._istio_covers("*/sa/job", batch) and not iv._istio_covers("cluster.local/ns/batch/sa/x", batch)
+    assert iv._istio_may_match("cluster.local/ns/batch/sa/x", batch)
+    assert not iv._istio_may_match("cluster.local/ns/batchx/*", batch)
+
+
+# --- the OpenAI ids from the VM environment --------------------------------------------------------------
+
+
+def vm_env(manifests, env):
+    return edited(manifests, is_callers_plugin, lambda o: o["spec"].update(vmConfig={"env": env}))
+
+
+def config_failure(docs) -> str:
+    """The failed pluginConfig check of the callers plugin (a finding without a rule name)."""
+    return next(f.line() for f in iv.cross_check(docs, template=True)
+                if not f.ok and f.subject.endswith(f"({CALLERS_PLUGIN})") and not f.message.startswith("["))
+
+
+def test_ids_come_from_the_plugin_config_or_the_vm_environment(manifests, catalog):
+    docs = edited(manifests, is_callers_plugin, lambda o: o["spec"].pop("vmConfig"))
+    line = config_failure(docs)
+    assert "identity_provider_id is missing (in pluginConfig or as OPENAI_IDENTITY_PROVIDER_ID in vmConfig.env)" in line
+    assert "service_account_id is missing (in pluginConfig or as OPENAI_SERVICE_ACCOUNT_ID in vmConfig.env)" in line
+
+    docs = edited(manifests, is_callers_plugin, lambda o: o["spec"]["pluginConfig"].update(service_account_id="sa_x"))
+    assert "service_account_id is set in pluginConfig and OPENAI_SERVICE_ACCOUNT_ID in vmConfig.env" in \
+        config_failure(docs)
+
+    docs = vm_env(manifests, [{"name": "OPENAI_IDENTITY_PROVIDER_ID", "value": ""},
+                              {"name": "OPENAI_SERVICE_ACCOUNT_ID", "value": "sa_x"}])
+    assert "vmConfig.env OPENAI_IDENTITY_PROVIDER_ID has no value" in config_failure(docs)
+
+    # HOST: the variable comes from the istio-proxy container's own environment.
+    docs = vm_env(manifests, [{"name": "OPENAI_IDENTITY_PROVIDER_ID", "valueFrom": "HOST"},
+                              {"name": "OPENAI_SERVICE_ACCOUNT_ID", "valueFrom": "HOST"}])
+    assert not [l for l in failures(docs) if CALLERS_PLUGIN in l]
+    plugin = next(d for d in docs if is_callers_plugin(d))
+    assert iv.validate_document(plugin, catalog).status == "OK"
+    plugin.obj["spec"]["vmConfig"]["env"][0]["value"] = "wip_x"  # the CRD: a value only with INLINE
+    assert "value may only be set when valueFrom is INLINE" in " ".join(iv.validate_document(plugin, catalog).messages)
+
+
+# --- the access log ------------------------------------------------------------------------------------------
+
+
+def test_the_access_log_telemetry_selects_the_gateway_only(manifests):
+    docs = edited(manifests, lambda d: d.kind == "Telemetry", lambda o: o["spec"].pop("selector"))
+    lines = [l for l in failures(docs) if "Telemetry istio-system/openai-wif-access-log" in l]
+    assert any("selector.matchLabels is empty" in l and "the whole mesh" in l for l in lines)
+    docs = edited(manifests, lambda d: d.kind == "Telemetry", lambda o: o["spec"]["selector"]["matchLabels"].pop("app"))
+    assert "lacks ['app']" in refused(docs, iv.RULE_SELECTOR, "istio/callers/telemetry.yaml")[0]
+
