@@ -256,6 +256,27 @@ def test_exchange_fault_slow_and_fault_times(openai, issuer):
     assert openai.fault is None
 
 
+def test_exchange_hold_keeps_exchanges_waiting_until_released(openai, issuer):
+    token = issuer.mint(SUB, AUD)
+    openai.hold()
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(exchange(openai, token)[0])) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 5
+    while openai.exchanges < 3:
+        assert time.monotonic() < deadline, "held exchanges are counted as they arrive"
+        time.sleep(0.01)
+    assert answers == [] and openai.exchanges_ok == 0
+    openai.release()
+    for thread in threads:
+        thread.join(5)
+    assert answers == [200, 200, 200] and openai.exchanges_ok == 3
+    openai.hold()
+    openai.reset()  # a test that ends holding leaves no exchange stuck
+    assert exchange(openai, token)[0] == 200
+
+
 # API
 
 

@@ -13,7 +13,9 @@ Switches (reset by `reset()`): `set_fault(...)` for the token endpoint; `token_h
 on every token-endpoint answer (values are str sent as latin-1, so "\\xff" is the byte 0xff);
 `api_force_401`, the API refuses every token; `answer_early`, the API answers an authorised POST with
 its status and headers before it reads the request body, then sends `{"object": "upload", "bytes": n}`
-once the body has arrived (an upstream that answers before the request has ended).
+once the body has arrived (an upstream that answers before the request has ended); `hold()`, every
+exchange waits at the door (already counted in `exchanges`) until `release()`, so a test knows an
+exchange is in flight for as long as it needs, rather than for as long as a sleep lasts.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class OpenAIStandin(HttpStandin):
         self.providers = dict(providers or {})
         self.default_expires_in = default_expires_in
         self.issued: dict = {}  # access token -> {sub, service_account_id, identity_provider_id, expires_at, revoked}
+        self._released = threading.Event()  # clear while exchanges are held (see hold())
         self.reset()
 
     def reset(self):
@@ -123,6 +126,7 @@ class OpenAIStandin(HttpStandin):
         self.api_force_401 = False
         self.token_headers: list = []  # (name, value) added to every token-endpoint answer
         self.answer_early = False
+        self._released.set()
 
     def set_fault(self, fault, times=None, **settings):
         if fault not in FAULTS:
@@ -132,6 +136,15 @@ class OpenAIStandin(HttpStandin):
                 raise AttributeError(name)
             setattr(self, name, value)
         self.fault, self.fault_times = fault, times
+
+    def hold(self):
+        """From now on every exchange waits, counted in `exchanges` as it arrives, until release()
+        (or reset(), or stop())."""
+        self._released.clear()
+
+    def release(self):
+        """The held exchanges, and those after them, go on."""
+        self._released.set()
 
     def add_provider(self, provider_id: str, issuer, audience: str, mappings: list):
         self.providers[provider_id] = provider(issuer, audience, mappings)
@@ -222,6 +235,9 @@ class OpenAIStandin(HttpStandin):
 
     def _token_endpoint(self, request: Request):
         fault = self._take_fault()
+        while not self._released.wait(0.05):
+            if self._stopping.is_set():
+                return RESET
         body = None
         try:
             body = request.json()
