@@ -142,6 +142,8 @@ pub struct TokenEndpoint {
 pub enum SubjectTokenType {
     Jwt,
     IdToken,
+    /// The x509 source: the client certificate, no subject token.
+    X509,
 }
 
 impl SubjectTokenType {
@@ -150,6 +152,7 @@ impl SubjectTokenType {
         match self {
             SubjectTokenType::Jwt => "urn:ietf:params:oauth:token-type:jwt",
             SubjectTokenType::IdToken => "urn:ietf:params:oauth:token-type:id_token",
+            SubjectTokenType::X509 => subject::x509::SUBJECT_TOKEN_TYPE,
         }
     }
 }
@@ -295,7 +298,15 @@ impl Config {
                 ))
             }
         };
+        let subject = SubjectSource::from_raw(raw.subject_token)?;
         let subject_token_type = match raw.subject_token_type.as_deref() {
+            None | Some("x509") if subject.is_certificate() => SubjectTokenType::X509,
+            _ if subject.is_certificate() => {
+                return Err(invalid(
+                    "subject_token_type",
+                    "must be left out with the x509 source (its type is urn:openai:params:oauth:token-type:x509)".into(),
+                ))
+            }
             None | Some("jwt") => SubjectTokenType::Jwt,
             Some("id_token") => SubjectTokenType::IdToken,
             Some(other) => {
@@ -310,7 +321,11 @@ impl Config {
             authority: authority(
                 "token_endpoint.authority",
                 raw.token_endpoint.authority,
-                DEFAULT_TOKEN_AUTHORITY,
+                if subject.is_certificate() {
+                    subject::x509::TOKEN_AUTHORITY
+                } else {
+                    DEFAULT_TOKEN_AUTHORITY
+                },
             )?,
             path: path(
                 "token_endpoint.path",
@@ -319,7 +334,6 @@ impl Config {
             )?,
             timeout: timeout("token_endpoint.timeout_ms", raw.token_endpoint.timeout_ms)?,
         };
-        let subject = SubjectSource::from_raw(raw.subject_token)?;
         let scope = match raw.scope.as_deref() {
             None | Some("hosts") => Scope::Hosts(hosts(raw.hosts)?),
             Some("all") if raw.hosts.is_some() => {

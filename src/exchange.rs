@@ -21,17 +21,19 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 const MAX_ACCESS_TOKEN_BYTES: usize = 8 * 1024;
 const MAX_RETRY_AFTER_S: u64 = 300;
 
-/// The JSON body of the exchange request, for `account`.
-pub fn request_body(config: &Config, account: &Account, subject: &Secret) -> Vec<u8> {
-    serde_json::json!({
+/// The JSON body of the exchange request, for `account`. Without a subject (the x509 source)
+/// there is no `subject_token` field at all: the certificate in the handshake is the subject.
+pub fn request_body(config: &Config, account: &Account, subject: Option<&Secret>) -> Vec<u8> {
+    let mut body = serde_json::json!({
         "grant_type": GRANT_TYPE,
         "subject_token_type": config.subject_token_type.urn(),
-        "subject_token": subject.expose(),
         "identity_provider_id": account.identity_provider_id,
         "service_account_id": account.service_account_id,
-    })
-    .to_string()
-    .into_bytes()
+    });
+    if let (Some(subject), Some(fields)) = (subject, body.as_object_mut()) {
+        fields.insert("subject_token".into(), subject.expose().into());
+    }
+    body.to_string().into_bytes()
 }
 
 /// The headers of the exchange request.
@@ -61,10 +63,12 @@ pub struct Issued {
 pub enum ExchangeError {
     #[error("the token endpoint did not answer (timeout, reset or no such cluster)")]
     NoResponse,
-    #[error("the token endpoint answered HTTP {status}")]
+    #[error("the token endpoint answered HTTP {status}{}", oauth.as_deref().map(|o| format!(" ({o})")).unwrap_or_default())]
     Status {
         status: u16,
         retry_after_s: Option<u64>,
+        /// The OAuth `error` (and a short `error_description`) the endpoint gave, if any.
+        oauth: Option<String>,
     },
     #[error("the token endpoint's answer was unusable: {0}")]
     Malformed(&'static str),
@@ -124,6 +128,7 @@ pub fn parse_response(
         return Err(ExchangeError::Status {
             status,
             retry_after_s: retry_after.and_then(parse_retry_after),
+            oauth: body.and_then(oauth_error),
         });
     }
     let body = body.unwrap_or_default();
@@ -173,6 +178,39 @@ pub fn parse_response(
     })
 }
 
+#[derive(Deserialize)]
+struct OAuthError {
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
+/// `error: error_description` from an OAuth error answer, short and printable; nothing when the
+/// answer is not one, or carries anything token-shaped.
+fn oauth_error(body: &[u8]) -> Option<String> {
+    if body.len() > MAX_RESPONSE_BYTES || crate::subject::carries_a_token(body) {
+        return None;
+    }
+    let parsed: OAuthError = serde_json::from_slice(body).ok()?;
+    let clean = |s: String, max: usize| -> String {
+        s.chars()
+            .filter(|c| !c.is_control())
+            .take(max)
+            .collect::<String>()
+            .trim()
+            .to_string()
+    };
+    let error = clean(parsed.error?, 64);
+    if error.is_empty() {
+        return None;
+    }
+    Some(match parsed.error_description.map(|d| clean(d, 160)) {
+        Some(d) if !d.is_empty() => format!("{error}: {d}"),
+        _ => error,
+    })
+}
+
 /// `Retry-After` as delta-seconds; an HTTP date or garbage is ignored.
 fn parse_retry_after(value: &str) -> Option<u64> {
     value
@@ -197,7 +235,7 @@ mod tests {
     #[test]
     fn request_carries_the_five_fields() {
         let c = config();
-        let body = request_body(&c, &c.account, &Secret::new("a.b.c"));
+        let body = request_body(&c, &c.account, Some(&Secret::new("a.b.c")));
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["grant_type"], GRANT_TYPE);
         assert_eq!(
@@ -213,6 +251,30 @@ mod tests {
         assert!(h.contains(&(":path", "/oauth/token".into())));
         assert!(h.contains(&(":authority", "auth.openai.com".into())));
         assert!(h.contains(&("content-type", "application/json".into())));
+    }
+
+    #[test]
+    fn the_x509_exchange_has_no_subject_token() {
+        let c = Config::parse(
+            br#"{"identity_provider_id":"wip_1","service_account_id":"sa_1",
+            "subject_token":{"source":"x509"},"token_endpoint":{"cluster":"openai_auth_mtls"}}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&request_body(&c, &c.account, None)).unwrap();
+        assert_eq!(
+            v["subject_token_type"],
+            "urn:openai:params:oauth:token-type:x509"
+        );
+        assert!(v.get("subject_token").is_none());
+        assert_eq!(v.as_object().unwrap().len(), 4);
+        assert!(request_headers(&c).contains(&(":authority", "mtls.auth.openai.com".into())));
+        let e = Config::parse(
+            br#"{"identity_provider_id":"w","service_account_id":"s","subject_token_type":"jwt",
+            "subject_token":{"source":"x509"},"token_endpoint":{"cluster":"c"}}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("subject_token_type"));
     }
 
     fn ok(body: &str) -> Result<Issued, ExchangeError> {
@@ -298,6 +360,24 @@ mod tests {
             e.failure().message,
             "OpenAI token exchange failed: the token endpoint answered HTTP 500"
         );
+        let e = parse_response(
+            Some("401"),
+            None,
+            Some(br#"{"error":"invalid_subject_token","error_description":"certificate chain does not reach an activated root"}"#),
+        )
+        .unwrap_err();
+        assert_eq!(e.failure().code, Code::TokenExchangeFailed);
+        assert_eq!(
+            e.failure().message,
+            "OpenAI token exchange failed: the token endpoint answered HTTP 401 (invalid_subject_token: certificate chain does not reach an activated root)"
+        );
+        let leaky = parse_response(
+            Some("400"),
+            None,
+            Some(br#"{"error":"invalid_grant","error_description":"bad token eyJhbGciOiJSUzI1NiJ9.e30.c2ln"}"#),
+        )
+        .unwrap_err();
+        assert_eq!(leaky.to_string(), "the token endpoint answered HTTP 400");
         assert_eq!(
             parse_response(Some("503"), Some("100000"), None)
                 .unwrap_err()

@@ -37,6 +37,8 @@ impl IdentityKey {
         let mut parts: Vec<&str> = vec!["gateway", config.subject.name()];
         match (&config.subject, config.subject.platform()) {
             (SubjectSource::Header(h), _) => parts.push(&h.header),
+            // The certificate behind the cluster is the identity.
+            (SubjectSource::X509(_), _) => parts.push(&config.token_endpoint.cluster),
             (_, Some(platform)) => parts.extend(platform.identity_parts()),
             (_, None) => {}
         }

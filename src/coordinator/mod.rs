@@ -308,7 +308,11 @@ impl<H: Host> Coordinator<H> {
         let mut gateways = self.gateways.borrow_mut();
         gateways.clear();
         if config.subject.is_gateway_identity() {
-            *self.source.borrow_mut() = Some(IdentityKey::for_source(&config));
+            *self.source.borrow_mut() = config
+                .subject
+                .platform()
+                .is_some()
+                .then(|| IdentityKey::for_source(&config));
             // Without caller rules the gateway acts as one account: warm it up now. With rules,
             // each rule's account is added when its first request arrives.
             if config.callers.is_none() {
@@ -837,7 +841,11 @@ impl<H: Host> Coordinator<H> {
     /// when the subject is there.
     fn begin(&self, config: &Config, want: Want) {
         if let Some(s) = want.subject.clone() {
-            return self.exchange(config, want, &s.token, s.exp_s);
+            return self.exchange(config, want, Some(&s.token), s.exp_s);
+        }
+        if config.subject.is_certificate() {
+            // The cluster presents the certificate: nothing to fetch first.
+            return self.exchange(config, want, None, None);
         }
         if !config.subject.is_gateway_identity() {
             // A header identity whose requests are all gone: nothing to exchange.
@@ -852,7 +860,7 @@ impl<H: Host> Coordinator<H> {
             shared::read::<SubjectRecord>(&self.host, &cache::subject_key(&source))
         {
             if s.reusable(now) {
-                return self.exchange(config, want, &s.subject, s.exp_s);
+                return self.exchange(config, want, Some(&s.subject), s.exp_s);
             }
         }
         let deadline = now + lifetime::millis(config.lease_duration());
@@ -864,7 +872,7 @@ impl<H: Host> Coordinator<H> {
         }
     }
 
-    fn exchange(&self, config: &Config, want: Want, subject: &Secret, exp_s: Option<u64>) {
+    fn exchange(&self, config: &Config, want: Want, subject: Option<&Secret>, exp_s: Option<u64>) {
         let endpoint = &config.token_endpoint;
         let body = exchange::request_body(config, &want.account, subject);
         match self.host.dispatch_http(
@@ -1050,7 +1058,7 @@ impl<H: Host> Coordinator<H> {
                     want.identity.short()
                 );
                 if then_exchange {
-                    self.exchange(config, want, &token, exp_s);
+                    self.exchange(config, want, Some(&token), exp_s);
                 }
             }
             Err(e) => {

@@ -674,3 +674,48 @@ fn ids_come_from_the_vm_environment_when_the_configuration_omits_them() {
         (Some("wip_env"), Some("sa_env"))
     );
 }
+
+#[test]
+fn the_x509_identity_exchanges_without_a_subject_and_fetches_nothing() {
+    let world = World::new(T0);
+    let config = r#"{"identity_provider_id":"wip_x","service_account_id":"sa_x",
+        "subject_token":{"source":"x509"},"token_endpoint":{"cluster":"openai_auth_mtls"}}"#;
+    let (a, b) = (Worker::new(&world, config), Worker::new(&world, config));
+    a.tick();
+    b.tick();
+    let calls = [a.host().calls(), b.host().calls()].concat();
+    assert_eq!(
+        calls.len(),
+        1,
+        "one exchange, warmed up on the first tick, nothing fetched"
+    );
+    let call = &calls[0];
+    assert_eq!(call.cluster, "openai_auth_mtls");
+    assert!(call
+        .headers
+        .contains(&(":authority", "mtls.auth.openai.com".into())));
+    let body: serde_json::Value = serde_json::from_slice(&call.body).unwrap();
+    assert!(body.get("subject_token").is_none());
+    assert_eq!(
+        body["subject_token_type"],
+        "urn:openai:params:oauth:token-type:x509"
+    );
+    let leader = if a.host().calls().is_empty() { &b } else { &a };
+    leader.issue(call, "at-x509", 3600);
+    assert_eq!(a.request(1, None), Verdict::Continue);
+    assert_eq!(a.host().authorization(1).as_deref(), Some("Bearer at-x509"));
+    // A refusal of the certificate names the OAuth error.
+    let world = World::new(T0);
+    let w = Worker::new(&world, config);
+    w.tick();
+    w.answer(
+        &w.host().calls()[0],
+        "401",
+        r#"{"error":"invalid_subject_token","error_description":"certificate has expired"}"#,
+    );
+    assert_eq!(w.request(2, None), Verdict::Pause);
+    let reply = w.host().reply(2).unwrap();
+    assert_eq!(reply.status, 502);
+    assert!(String::from_utf8_lossy(&reply.body)
+        .contains("invalid_subject_token: certificate has expired"));
+}

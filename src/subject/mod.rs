@@ -11,6 +11,7 @@ pub mod gcp_metadata;
 pub mod header;
 pub mod kubernetes;
 pub mod spiffe;
+pub mod x509;
 
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub enum SubjectSource {
     GcpMetadata(gcp_metadata::Config),
     AzureImds(azure_imds::Config),
     Spiffe(spiffe::Config),
+    /// No subject token: the token endpoint reads the certificate the cluster presents.
+    X509(x509::Config),
 }
 
 /// `subject_token` as written, tagged by `source`.
@@ -43,6 +46,7 @@ pub enum RawSource {
     GcpMetadata(gcp_metadata::Raw),
     AzureImds(azure_imds::Raw),
     Spiffe(spiffe::Raw),
+    X509(x509::Raw),
 }
 
 impl SubjectSource {
@@ -61,14 +65,16 @@ impl SubjectSource {
                     SubjectSource::AzureImds(azure_imds::Config::from_raw(r)?)
                 }
                 RawSource::Spiffe(r) => SubjectSource::Spiffe(spiffe::Config::from_raw(r)?),
+                RawSource::X509(r) => SubjectSource::X509(x509::Config::from_raw(r)?),
             },
         )
     }
 
-    /// The platform behind a gateway identity; `None` for the header source.
+    /// The platform a gateway's subject token is fetched from; `None` for the header source
+    /// (per request) and for x509 (no subject token at all).
     pub fn platform(&self) -> Option<&dyn Platform> {
         match self {
-            SubjectSource::Header(_) => None,
+            SubjectSource::Header(_) | SubjectSource::X509(_) => None,
             SubjectSource::Kubernetes(c) => Some(c),
             SubjectSource::GcpMetadata(c) => Some(c),
             SubjectSource::AzureImds(c) => Some(c),
@@ -78,12 +84,21 @@ impl SubjectSource {
 
     /// The name used in configuration, logs and error messages.
     pub fn name(&self) -> &'static str {
-        self.platform().map_or(header::NAME, |p| p.name())
+        match self {
+            SubjectSource::Header(_) => header::NAME,
+            SubjectSource::X509(_) => x509::NAME,
+            _ => self.platform().map_or(header::NAME, |p| p.name()),
+        }
     }
 
-    /// True when the subject belongs to the gateway rather than to each request.
+    /// True when the identity belongs to the gateway rather than to each request.
     pub fn is_gateway_identity(&self) -> bool {
-        self.platform().is_some()
+        !matches!(self, SubjectSource::Header(_))
+    }
+
+    /// True when there is no subject token: the certificate is the credential.
+    pub fn is_certificate(&self) -> bool {
+        matches!(self, SubjectSource::X509(_))
     }
 
     /// How long a fetch from the source may take.
@@ -266,7 +281,7 @@ fn detail(body: &[u8]) -> String {
 
 /// True when `body` holds a word that could be a token or a piece of one: `eyJ` (the start of
 /// any JSON object in base64url), a dotted base64 word with a long part, or a long base64 run.
-fn carries_a_token(body: &[u8]) -> bool {
+pub(crate) fn carries_a_token(body: &[u8]) -> bool {
     // Either base64 alphabet: a token may be mangled into the other one.
     let base64 = |b: &u8| b.is_ascii_alphanumeric() || b"-_+/=".contains(b);
     if body.windows(3).any(|w| w == b"eyJ") {
