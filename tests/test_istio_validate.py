@@ -945,3 +945,39 @@ def test_the_access_log_telemetry_selects_the_gateway_only(manifests):
     docs = edited(manifests, lambda d: d.kind == "Telemetry", lambda o: o["spec"]["selector"]["matchLabels"].pop("app"))
     assert "lacks ['app']" in refused(docs, iv.RULE_SELECTOR, "istio/callers/telemetry.yaml")[0]
 
+
+FILTER_STATE_FIELDS = ("caller", "rule", "service_account_id", "identity", "cache", "error")
+
+
+def readme_yaml_blocks(path: Path) -> list:
+    """The YAML code blocks of a Markdown file that parse (a snippet with placeholders may not)."""
+    blocks = []
+    for block in path.read_text().split("```yaml\n")[1:]:
+        try:
+            blocks.append(yaml.safe_load(block.split("```", 1)[0]))
+        except yaml.YAMLError:
+            continue
+    return blocks
+
+
+def test_the_documented_mesh_config_defines_the_telemetry_provider_with_every_field(manifests):
+    telemetry = next(d for d in manifests if d.kind == "Telemetry")
+    names = [p["name"] for entry in telemetry.spec["accessLogging"] for p in entry["providers"]]
+    snippets = [b for b in readme_yaml_blocks(REPO / "README.md")
+                if isinstance(b, dict) and "extensionProviders" in (b.get("meshConfig") or {})]
+    assert len(snippets) == 1, "README.md documents one meshConfig with extensionProviders"
+    providers = {p["name"]: p for p in snippets[0]["meshConfig"]["extensionProviders"]}
+    assert names and all(n in providers for n in names), (names, sorted(providers))
+    labels = providers[names[0]]["envoyFileAccessLog"]["logFormat"]["labels"]
+    printed = set(labels.values())
+    for name in FILTER_STATE_FIELDS:
+        assert f"%FILTER_STATE(wasm.openai_wif.{name}:PLAIN)%" in printed, name
+    assert "%DOWNSTREAM_PEER_URI_SAN%" in printed
+    assert not any("AUTHORIZATION" in v.upper() or "SUBJECT-TOKEN" in v.upper() for v in printed)
+    # The same fields under the same names as the shipped Envoy configurations' access log.
+    envoy_format = next(log["typed_config"]["log_format"]["json_format"]
+                        for listener in yaml.safe_load((REPO / "envoy" / "egress-gateway.yaml").read_text())
+                        ["static_resources"]["listeners"]
+                        for chain in listener["filter_chains"] for flt in chain["filters"]
+                        for log in flt.get("typed_config", {}).get("access_log", []))
+    assert {k: v for k, v in labels.items() if envoy_format.get(k) != v} == {}
