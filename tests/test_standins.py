@@ -836,3 +836,189 @@ def test_team_service_accounts_are_mapped_for_the_gateway_and_for_each_teams_own
             assert exchange(standins.subject_token(sub), "wip_header", account) == "no_matching_mapping", sub
         # The default account still maps only the default namespace.
         assert exchange(standins.subject_token(inference), "wip_header", "sa_header") == "no_matching_mapping"
+
+
+# X.509 workload identity: the mTLS token endpoint and API
+
+import ssl  # noqa: E402
+
+from tests.harness.tls import TestCA  # noqa: E402
+from tests.standins.x509 import SERVER_NAMES, X509_TOKEN_TYPE, X509Standin, x509_mapping  # noqa: E402
+
+X509_SUB = "spiffe://example.com/ns/ai/sa/chat"
+
+
+@pytest.fixture(scope="module")
+def x509_pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("x509-pki")
+    root = TestCA(directory, "x509 mesh root")
+    issuing = root.intermediate("x509 mesh issuing CA")
+    other = TestCA(directory, "x509 unaccepted root")
+    return {"root": root, "issuing": issuing, "other": other, "server": root.server(names=SERVER_NAMES),
+            "client": issuing.client(X509_SUB), "cn_only": issuing.client(cn="batch-worker"),
+            "stranger": other.client(X509_SUB), "unmapped": issuing.client("spiffe://example.com/ns/other/sa/x")}
+
+
+@pytest.fixture(scope="module")
+def x509_server(x509_pki):
+    server = X509Standin(x509_pki["server"], trusted_cas=[x509_pki["root"], x509_pki["other"]],
+                         activated_roots=[x509_pki["root"]], intermediates=[x509_pki["issuing"]])
+    server.add_provider("wip_x509", [x509_mapping("sa_x509", sub="spiffe://example.com/ns/ai/*"),
+                                     x509_mapping("sa_cn", cn="batch-worker")])
+    with server:
+        yield server
+
+
+@pytest.fixture
+def x509_standin(x509_server):
+    x509_server.reset()
+    yield x509_server
+    x509_server.reset()
+
+
+def x509_body(**overrides):
+    body = {"grant_type": GRANT_TYPE, "subject_token_type": X509_TOKEN_TYPE,
+            "identity_provider_id": "wip_x509", "service_account_id": "sa_x509"}
+    body.update(overrides)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def mtls_call(server, pki, client, method="POST", target="/oauth/token", body=None, host="mtls.auth.openai.com",
+              headers=None):
+    """(status, lower-case headers, parsed JSON body) over mTLS with `client` (None: no certificate)."""
+    context = pki["root"].client_context(client)
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port, timeout=5, context=context)
+    sent = {"Host": host, **(headers or {})}
+    if body is not None:
+        body = json.dumps(body)
+        sent.setdefault("Content-Type", "application/json")
+    try:
+        connection.request(method, target, body=body, headers=sent)
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(data or b"null")
+    finally:
+        connection.close()
+
+
+def test_x509_exchange_derives_the_subject_from_the_spiffe_uri_or_the_cn(x509_standin, x509_pki):
+    status, headers, answer = mtls_call(x509_standin, x509_pki, x509_pki["client"], body=x509_body())
+    assert status == 200, answer
+    assert answer["token_type"] == "Bearer" and 3590 <= answer["expires_in"] <= 3600
+    assert headers["cache-control"] == "no-store"
+    record = x509_standin.issued[answer["access_token"]]
+    assert (record["sub"], record["service_account_id"]) == (X509_SUB, "sa_x509")
+    (entry,) = x509_standin.exchange_log
+    assert entry["ok"] and "subject_token" not in entry["fields"] and entry["sub"] == X509_SUB
+    status, _, answer = mtls_call(x509_standin, x509_pki, x509_pki["cn_only"], body=x509_body(service_account_id="sa_cn"))
+    assert status == 200 and x509_standin.issued[answer["access_token"]]["sub"] == "batch-worker"
+
+
+def test_x509_expires_in_never_outlives_the_certificate(x509_standin, x509_pki):
+    short = x509_pki["issuing"].client(X509_SUB, lifetime_s=30)
+    status, _, answer = mtls_call(x509_standin, x509_pki, short, body=x509_body())
+    assert status == 200 and 25 <= answer["expires_in"] <= 30
+    x509_standin.expires_in_override = 10
+    assert mtls_call(x509_standin, x509_pki, x509_pki["client"], body=x509_body())[2]["expires_in"] == 10
+
+
+def test_x509_expired_certificate_is_an_invalid_subject_token(x509_standin, x509_pki):
+    expiring = x509_pki["issuing"].client(X509_SUB, lifetime_s=1.5)
+    time.sleep(2)
+    status, _, answer = mtls_call(x509_standin, x509_pki, expiring, body=x509_body())
+    assert (status, answer["error"]) == (401, "invalid_subject_token")
+    assert "validity" in answer["error_description"]
+
+
+@pytest.mark.parametrize("case, status, error", [
+    ("stranger", 401, "invalid_subject_token"),
+    ("unmapped", 400, "invalid_grant"),
+    ("unknown_provider", 400, "invalid_grant"),
+    ("unknown_account", 400, "invalid_grant"),
+    ("subject_token", 400, "invalid_request"),
+    ("jwt_type", 400, "invalid_request"),
+    ("grant_type", 400, "unsupported_grant_type"),
+    ("missing_account", 400, "invalid_request"),
+])
+def test_x509_exchange_answers_oauth_errors(x509_standin, x509_pki, case, status, error):
+    client, body = x509_pki["client"], x509_body()
+    if case in ("stranger", "unmapped"):
+        client = x509_pki[case]
+    body.update({"unknown_provider": {"identity_provider_id": "wip_nope"},
+                 "unknown_account": {"service_account_id": "sa_nope"},
+                 "subject_token": {"subject_token": "eyJ.x.y"},
+                 "jwt_type": {"subject_token_type": JWT_TYPE},
+                 "grant_type": {"grant_type": "client_credentials"}}.get(case, {}))
+    if case == "missing_account":
+        del body["service_account_id"]
+    answer_status, _, answer = mtls_call(x509_standin, x509_pki, client, body=body)
+    assert (answer_status, answer["error"]) == (status, error), answer
+    assert set(answer) == {"error", "error_description"} and answer["error_description"]
+    assert x509_standin.exchanges_ok == 0
+    if case == "stranger":
+        assert answer["error_description"] == "certificate chain does not reach an activated root"
+
+
+def test_x509_token_endpoint_accepts_only_exact_post_oauth_token(x509_standin, x509_pki):
+    for method, target in (("GET", "/oauth/token"), ("PUT", "/oauth/token"), ("POST", "/oauth/token/"),
+                           ("POST", "/oauth/token?x=1"), ("POST", "/oauth/authorize"), ("POST", "/v1/models")):
+        status, _, _ = mtls_call(x509_standin, x509_pki, x509_pki["client"], method, target, body=x509_body())
+        assert status == 403, (method, target)
+    assert x509_standin.exchanges == 0
+
+
+def test_x509_handshake_requires_a_certificate_from_a_trusted_ca(x509_standin, x509_pki, tmp_path):
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        mtls_call(x509_standin, x509_pki, None, body=x509_body())
+    untrusted = TestCA(tmp_path, "not even uploaded").client(X509_SUB)
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        mtls_call(x509_standin, x509_pki, untrusted, body=x509_body())
+    deadline = time.monotonic() + 5
+    while len(x509_standin.handshake_failures) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(x509_standin.handshake_failures) == 2 and x509_standin.exchanges == 0
+
+
+def test_x509_without_required_handshake_certificate_a_missing_one_is_an_invalid_subject_token(x509_pki):
+    server = X509Standin(x509_pki["server"], trusted_cas=[x509_pki["root"]], activated_roots=[x509_pki["root"]],
+                         intermediates=[x509_pki["issuing"]], require_certificate=False)
+    server.add_provider("wip_x509", [x509_mapping("sa_x509", sub="spiffe://example.com/ns/ai/*")])
+    with server:
+        status, _, answer = mtls_call(server, x509_pki, None, body=x509_body())
+        assert (status, answer["error"]) == (401, "invalid_subject_token")
+        assert answer["error_description"] == "no client certificate was presented"
+
+
+def test_x509_api_checks_certificate_and_bearer_independently(x509_standin, x509_pki):
+    token = mtls_call(x509_standin, x509_pki, x509_pki["client"], body=x509_body())[2]["access_token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    for host in ("mtls.api.openai.com", "mtls-us.api.openai.com", "mtls-eu.api.openai.com"):
+        status, headers, _ = mtls_call(x509_standin, x509_pki, x509_pki["client"], "GET", "/v1/models",
+                                       host=host, headers=bearer)
+        assert status == 200 and headers["x-standin-service-account"] == "sa_x509"
+        assert headers["x-standin-client-subject"] == X509_SUB
+    # Not bound: another accepted certificate may carry the same bearer.
+    status, headers, _ = mtls_call(x509_standin, x509_pki, x509_pki["cn_only"], "GET", "/v1/models",
+                                   host="mtls.api.openai.com", headers=bearer)
+    assert status == 200 and headers["x-standin-client-subject"] == "batch-worker"
+    # A good bearer with a certificate of a root that is not activated: 403.
+    status, _, answer = mtls_call(x509_standin, x509_pki, x509_pki["stranger"], "GET", "/v1/models",
+                                  host="mtls.api.openai.com", headers=bearer)
+    assert status == 403 and answer["error"]["code"] == "invalid_client_certificate"
+    # A good certificate with a bad or missing bearer: 401.
+    for headers in ({"Authorization": "Bearer oaiwif_unknown"}, {}):
+        status, _, answer = mtls_call(x509_standin, x509_pki, x509_pki["client"], "GET", "/v1/models",
+                                      host="mtls.api.openai.com", headers=headers)
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+    assert [e["status"] for e in x509_standin.api_log] == [200, 200, 200, 200, 403, 401, 401]
+    assert x509_standin.api_log[0]["authorization"] == f"Bearer {token}"
+    assert x509_standin.api_log[0]["host"] == "mtls.api.openai.com"
+
+
+def test_x509_rotated_certificate_files_are_what_the_next_exchange_presents(x509_standin, x509_pki):
+    first = x509_pki["issuing"].client(X509_SUB, lifetime_s=600)
+    second = x509_pki["issuing"].client(X509_SUB, lifetime_s=600)
+    for client in (first, second):
+        assert mtls_call(x509_standin, x509_pki, client, body=x509_body())[0] == 200
+    fingerprints = [entry["fingerprint"] for entry in x509_standin.exchange_log]
+    assert len(set(fingerprints)) == 2 and None not in fingerprints
