@@ -15,7 +15,8 @@ use crate::subject::{self, RawSource};
 /// The validated configuration, shared read-only by every context of a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// The OpenAI identity the gateway acts as when no caller rule says otherwise.
+    /// The OpenAI identity the gateway acts as without caller rules. With rules, each request
+    /// takes its rule's account, and the service account here may be left empty.
     pub account: Account,
     /// Which of the account's ids came from the VM's environment (for the startup log).
     pub account_from_env: Vec<&'static str>,
@@ -254,38 +255,47 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut account_from_env = Vec::new();
-        let mut id = |field: &'static str, value: Option<String>, var: &'static str| {
-            let value = match value {
-                Some(v) => v,
-                None => {
-                    let v = env(var).ok_or_else(|| {
-                        invalid(
-                            field,
-                            format!("is required (in the configuration or as the VM environment variable {var})"),
-                        )
-                    })?;
+        // `required: false` lets a missing id be empty: the top-level service account, when
+        // every request takes the account of the caller rule it matches.
+        let mut id = |field: &'static str,
+                      value: Option<String>,
+                      var: &'static str,
+                      required: bool| {
+            let value = match (value, env(var)) {
+                (Some(v), _) => v,
+                (None, Some(v)) => {
                     account_from_env.push(var);
                     v
+                }
+                (None, None) if !required => return Ok(String::new()),
+                (None, None) => {
+                    return Err(invalid(
+                        field,
+                        format!("is required (in the configuration or as the VM environment variable {var})"),
+                    ))
                 }
             };
             identifier(field, value)
         };
+        let identity_provider_id = id(
+            "identity_provider_id",
+            raw.identity_provider_id,
+            PROVIDER_ENV,
+            true,
+        )?;
+        let callers = raw
+            .callers
+            .map(|rules| crate::callers::rules(rules, &identity_provider_id))
+            .transpose()?;
         let account = Account {
-            identity_provider_id: id(
-                "identity_provider_id",
-                raw.identity_provider_id,
-                PROVIDER_ENV,
-            )?,
+            identity_provider_id,
             service_account_id: id(
                 "service_account_id",
                 raw.service_account_id,
                 SERVICE_ACCOUNT_ENV,
+                callers.is_none(),
             )?,
         };
-        let callers = raw
-            .callers
-            .map(|rules| crate::callers::rules(rules, &account.identity_provider_id))
-            .transpose()?;
         let caller_source = match raw.caller_identity.as_deref() {
             None | Some("peer_certificate") => crate::callers::CallerSource::PeerCertificate,
             Some("x-forwarded-client-cert") => crate::callers::CallerSource::ForwardedClientCert,
@@ -692,6 +702,21 @@ mod tests {
         assert!(!c.may_send_to(None), "no route, no token");
         let e = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"upstream_clusters":[]}"#).unwrap_err();
         assert!(e.to_string().contains("upstream_clusters"));
+    }
+
+    #[test]
+    fn caller_rules_make_the_top_level_service_account_optional() {
+        let c = parse(r#"{"identity_provider_id":"wip_1","token_endpoint":{"cluster":"a"},
+            "callers":[{"name":"a","principals":["spiffe://td/ns/a/*"],"service_account_id":"sa_a"}]}"#).unwrap();
+        assert_eq!(c.account.service_account_id, "");
+        let rule = &c.callers.as_ref().unwrap()[0];
+        assert_eq!(rule.account.identity_provider_id, "wip_1");
+        assert!(
+            parse(r#"{"identity_provider_id":"wip_1","token_endpoint":{"cluster":"a"}}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("service_account_id")
+        );
     }
 
     #[test]

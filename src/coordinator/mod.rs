@@ -30,8 +30,8 @@
 //! State lives in cells and no borrow is held across a host call: resuming or answering a
 //! request can make Envoy call back into this VM at once.
 //!
-//! This file holds the state and configuration; [`request`] the request side, [`fetch`] leases,
-//! fetches, exchanges and their outcomes, [`tick`] what runs on the timer.
+//! This file holds the state and configuration; `request.rs` the request side, `fetch.rs` leases,
+//! fetches, exchanges and their outcomes, `tick.rs` what runs on the timer.
 
 mod fetch;
 mod request;
