@@ -54,6 +54,15 @@ def filter_json(bootstrap: dict) -> dict:
 
 
 ALL_EXAMPLES = sorted(EXAMPLES)
+X509_EXAMPLES = [f for f in ALL_EXAMPLES if EXAMPLES[f]["source"] == envoy_config.X509_SOURCE]
+
+
+def openai_clusters(filename: str) -> tuple:
+    """((API cluster, its host), (token endpoint cluster, its host)) of an example."""
+    if filename in X509_EXAMPLES:
+        return ((envoy_config.MTLS_API_CLUSTER, "mtls.api.openai.com"),
+                (envoy_config.MTLS_AUTH_CLUSTER, "mtls.auth.openai.com"))
+    return (API_CLUSTER, "api.openai.com"), (AUTH_CLUSTER, "auth.openai.com")
 
 
 # Production examples
@@ -62,7 +71,7 @@ ALL_EXAMPLES = sorted(EXAMPLES)
 @pytest.mark.parametrize("filename", ALL_EXAMPLES)
 def test_openai_clusters_verify_tls_against_the_system_cas_and_the_host_name(filename):
     found = clusters(example(filename))
-    for name, host in ((API_CLUSTER, "api.openai.com"), (AUTH_CLUSTER, "auth.openai.com")):
+    for name, host in openai_clusters(filename):
         cluster = found[name]
         address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
         assert address["socket_address"] == {"address": host, "port_value": 443}
@@ -93,8 +102,9 @@ def test_only_the_openai_hosts_are_forwarded_and_everything_else_gets_403_withou
     assert set(hosts["openai_api"]["domains"]) == {"api.openai.com", "api.openai.com:*",
                                                   "openai-egress.internal", "openai-egress.internal:*"}
     (api_route,) = hosts["openai_api"]["routes"]
-    assert api_route["route"]["cluster"] == API_CLUSTER
-    assert api_route["route"]["host_rewrite_literal"] == "api.openai.com"
+    ((api_cluster, api_host), _) = openai_clusters(filename)
+    assert api_route["route"]["cluster"] == api_cluster
+    assert api_route["route"]["host_rewrite_literal"] == api_host
     assert hosts["deny"]["domains"] == ["*"]
     (deny_route,) = hosts["deny"]["routes"]
     assert deny_route["direct_response"]["status"] == 403
@@ -128,7 +138,7 @@ def test_filter_configuration_uses_placeholders_and_existing_clusters(filename):
     assert config["scope"] == "all" and "hosts" not in config
     for vhost in virtual_hosts(bootstrap).values():
         for route in vhost["routes"]:
-            if route.get("route", {}).get("cluster") != API_CLUSTER:
+            if route.get("route", {}).get("cluster") not in (API_CLUSTER, envoy_config.MTLS_API_CLUSTER):
                 assert route["typed_per_filter_config"][FILTER_NAME]["disabled"] is True
     names = clusters(bootstrap)
     assert config["token_endpoint"]["cluster"] in names
@@ -142,9 +152,11 @@ def test_each_example_carries_only_the_identity_cluster_its_source_needs(filenam
     names = set(clusters(example(filename)))
     if filename == "egress-gateway.yaml":
         expected = set(SOURCE_CLUSTER.values())
+    elif filename == "x509-spire.yaml":
+        expected = {envoy_config.SDS_CLUSTER}
     else:
         expected = {SOURCE_CLUSTER[source]} if source in SOURCE_CLUSTER else set()
-    assert names == {API_CLUSTER, AUTH_CLUSTER} | expected
+    assert names == {name for name, _ in openai_clusters(filename)} | expected
     token_listener = envoy_config.TOKEN_LISTENER in listeners(example(filename))
     assert token_listener == ("wif_token_file" in expected)
 
@@ -594,3 +606,102 @@ def test_mtls_listener_and_access_log_in_a_real_envoy_without_the_filter(tmp_pat
         assert impostor_response.status is None, impostor_response  # presented, so verified, and refused
         entries = stack.envoy.wait_for_access_log(2)
         assert entries[0]["peer"] is None and entries[0]["status"] == 401
+
+
+# The x509 source: the gateway's certificate on both OpenAI clusters
+
+
+def tls_context(cluster: dict) -> dict:
+    return cluster["transport_socket"]["typed_config"]
+
+
+@pytest.mark.parametrize("filename", X509_EXAMPLES)
+def test_x509_clusters_present_the_same_certificate_and_verify_the_server(filename):
+    bootstrap = example(filename)
+    found = clusters(bootstrap)
+    secrets = []
+    for name, host in openai_clusters(filename):
+        context = tls_context(found[name])
+        assert context["sni"] == host
+        (secret,) = context["common_tls_context"]["tls_certificate_sds_secret_configs"]
+        assert "tls_certificates" not in context["common_tls_context"]  # SDS: rotation without a restart
+        secrets.append(secret)
+    assert secrets[0] == secrets[1]
+    sds = secrets[0]["sds_config"]
+    assert sds["resource_api_version"] == "V3"
+    if filename == "x509.yaml":
+        assert secrets[0]["name"] == envoy_config.CLIENT_CERT_SECRET
+        assert sds["path_config_source"] == {"path": "/etc/envoy/sds/openai-client-certificate.yaml",
+                                             "watched_directory": {"path": "/etc/envoy/sds"}}
+    else:
+        assert secrets[0]["name"] == "default"  # the SPIRE agent's name for the workload's own SVID
+        assert sds["api_config_source"] == {"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [
+            {"envoy_grpc": {"cluster_name": envoy_config.SDS_CLUSTER}}]}
+        agent = found[envoy_config.SDS_CLUSTER]
+        assert agent["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+            "pipe": {"path": "/run/spire/agent.sock"}}
+        assert "http2_protocol_options" in json.dumps(agent["typed_extension_protocol_options"])
+    assert bootstrap["node"]["id"] and bootstrap["node"]["cluster"]  # SDS needs both
+
+
+@pytest.mark.parametrize("filename", X509_EXAMPLES)
+def test_x509_filter_exchanges_at_the_mtls_token_endpoint_without_a_subject_token_type(filename):
+    config = filter_json(example(filename))
+    assert config["subject_token"] == {"source": "x509"}
+    assert "subject_token_type" not in config
+    assert config["token_endpoint"] == {"cluster": "openai_auth_mtls", "authority": "mtls.auth.openai.com",
+                                        "path": "/oauth/token", "timeout_ms": 5000}
+
+
+def test_x509_sds_file_names_the_mounted_secret_and_watches_it():
+    shipped = yaml.safe_load((envoy_config.ENVOY_DIR / "sds" / "openai-client-certificate.yaml").read_text())
+    (secret,) = shipped["resources"]
+    assert secret["@type"] == "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    assert secret["name"] == envoy_config.CLIENT_CERT_SECRET
+    assert secret["tls_certificate"] == {
+        "certificate_chain": {"filename": "/var/run/secrets/openai-mtls/tls.crt"},
+        "private_key": {"filename": "/var/run/secrets/openai-mtls/tls.key"},
+        "watched_directory": {"path": "/var/run/secrets/openai-mtls"}}
+    assert yaml.safe_load(envoy_config.sds_secret_file("/x/y/"))["resources"][0]["tls_certificate"][
+        "watched_directory"] == {"path": "/x/y"}
+
+
+@pytest.mark.parametrize("host", envoy_config.MTLS_API_HOSTS)
+def test_x509_regional_api_host_is_the_route_sni_san_and_address(host):
+    bootstrap = build("production", "x509", mtls_api_host=host)
+    (route,) = virtual_hosts(bootstrap)["openai_api"]["routes"]
+    assert route["route"]["cluster"] == envoy_config.MTLS_API_CLUSTER
+    assert route["route"]["host_rewrite_literal"] == host
+    api = clusters(bootstrap)[envoy_config.MTLS_API_CLUSTER]
+    assert tls_context(api)["sni"] == host
+    assert tls_context(api)["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": host}}]
+    assert api["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "socket_address": {"address": host, "port_value": 443}}
+    # The token endpoint is not regional; the filter's hosts stay the callers' names.
+    assert tls_context(clusters(bootstrap)[envoy_config.MTLS_AUTH_CLUSTER])["sni"] == "mtls.auth.openai.com"
+    assert set(virtual_hosts(bootstrap)["openai_api"]["domains"]) >= {"api.openai.com", "api.openai.com:*"}
+
+
+def test_x509_local_profile_uses_tls_to_the_stand_ins_with_the_test_ca():
+    local = build("local", "x509", ca_file="/tmp/test-ca.crt", client_cert_sds_file="/tmp/sds/client.yaml",
+                  filter_config={"x": 1}, **LOCAL_PORTS)
+    production = build("production", "x509")
+    for name, host in ((envoy_config.MTLS_API_CLUSTER, "mtls.api.openai.com"),
+                       (envoy_config.MTLS_AUTH_CLUSTER, "mtls.auth.openai.com")):
+        cluster = clusters(local)[name]
+        assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+            "socket_address": {"address": "127.0.0.1", "port_value": 18001}}
+        context = tls_context(cluster)
+        assert context["sni"] == host
+        assert context["common_tls_context"]["validation_context"]["trusted_ca"] == {"filename": "/tmp/test-ca.crt"}
+        (secret,) = context["common_tls_context"]["tls_certificate_sds_secret_configs"]
+        assert secret["sds_config"]["path_config_source"] == {"path": "/tmp/sds/client.yaml",
+                                                              "watched_directory": {"path": "/tmp/sds"}}
+    assert set(clusters(local)) == set(clusters(production))
+    for profile, kwargs in (("production", {}), ("local", LOCAL_PORTS)):
+        text = envoy_config.render(profile, "x509", header="h", **kwargs)
+        assert "__note_" not in text and "&id" not in text  # no YAML anchors between the two clusters
+        assert yaml.safe_load(text) == build(profile, "x509", **kwargs)
+    with pytest.raises(ValueError, match="client_certificate"):
+        build("production", "x509", client_certificate="vault")

@@ -16,6 +16,7 @@ directory and socket) and in one extra virtual host that proves the filter leave
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import ipaddress
@@ -33,6 +34,11 @@ ENVOY_DIR = REPO / "envoy"
 
 PROFILES = ("production", "local")
 SOURCES = ("header", "kubernetes", "gcp_metadata", "azure_imds", "spiffe")
+# The gateway's own mTLS certificate as the credential (OpenAI's X.509 workload identity): no
+# subject token and no identity-source cluster; the token endpoint and the API are reached over
+# clusters that present the certificate (its own template branch, not in SOURCES).
+X509_SOURCE = "x509"
+ALL_SOURCES = SOURCES + (X509_SOURCE,)
 
 # The identity-source cluster each gateway-identity source needs (the header source needs none).
 SOURCE_CLUSTER = {
@@ -45,6 +51,16 @@ SOURCE_CLUSTER = {
 FILTER_NAME = "openai_wif"  # the HTTP filter's name: the key that per-route configs refer to
 API_CLUSTER = "openai_api"
 AUTH_CLUSTER = "openai_auth"
+MTLS_API_CLUSTER = "openai_api_mtls"
+MTLS_AUTH_CLUSTER = "openai_auth_mtls"
+MTLS_AUTH_HOST = "mtls.auth.openai.com"
+MTLS_API_HOSTS = ("mtls.api.openai.com", "mtls-us.api.openai.com", "mtls-eu.api.openai.com")
+# Where the x509 source's certificate comes from: "files" (a mounted Secret, delivered by SDS from
+# a file that Envoy watches) or "sds" (an SDS server: the SPIRE agent on its unix socket).
+CLIENT_CERTIFICATE_SOURCES = ("files", "sds")
+CLIENT_CERT_SECRET = "openai_client_certificate"  # the secret's name in the SDS file
+SPIRE_SVID_SECRET = "default"  # the SPIRE agent's SDS name for the workload's own X.509-SVID
+SDS_CLUSTER = "spire_agent_sds"
 TOKEN_LISTENER = "wif_token_file"
 # The token listener binds loopback only, on a port none of Istio's proxies use (Istio's: 15000,
 # 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090).
@@ -120,6 +136,20 @@ class Params:
     vm_env_keys: tuple = ()
     # Which platform the comments talk about (only changes comments).
     platform: str | None = None
+    # The x509 source. client_certificate: "files" or "sds" (CLIENT_CERTIFICATE_SOURCES).
+    client_certificate: str = "files"
+    # "files": the mounted Secret's directory (tls.crt: leaf then intermediates; tls.key), and the
+    # SDS file that names them (sds_secret_file() renders it), in a directory of its own.
+    client_cert_dir: str = "/var/run/secrets/openai-mtls"
+    client_cert_sds_file: str = "/etc/envoy/sds/openai-client-certificate.yaml"
+    # "sds": the secret's name at the SDS server (the SPIRE agent's default SVID: "default"); the
+    # server is the SPIRE agent on spiffe_socket. None: CLIENT_CERT_SECRET for files, "default" for sds.
+    client_cert_secret: str | None = None
+    # The mTLS API host the route rewrites to (regional: mtls-us.api.openai.com, mtls-eu.api.openai.com),
+    # and where the mTLS clusters connect (None: the host name itself; ports: api_port and auth_port).
+    mtls_api_host: str = "mtls.api.openai.com"
+    mtls_api_address: str | None = None
+    mtls_auth_address: str | None = None
 
 
 PROFILE_DEFAULTS = {
@@ -137,6 +167,8 @@ PROFILE_DEFAULTS = {
         "gcp_metadata_address": "127.0.0.1",
         "azure_imds_address": "127.0.0.1",
         "echo_host": ECHO_HOST,
+        "mtls_api_address": "127.0.0.1",
+        "mtls_auth_address": "127.0.0.1",
     },
 }
 
@@ -171,9 +203,10 @@ def subject_token(source: str, **settings) -> dict:
         "azure_imds": {"source": "azure_imds", "cluster": SOURCE_CLUSTER["azure_imds"],
                        "resource": "api://REPLACE_ME_APPLICATION_ID"},
         "spiffe": {"source": "spiffe", "cluster": SOURCE_CLUSTER["spiffe"], "audience": AUDIENCE},
+        "x509": {"source": X509_SOURCE},
     }
     if source not in examples:
-        raise ValueError(f"unknown subject token source {source!r}; one of {SOURCES}")
+        raise ValueError(f"unknown subject token source {source!r}; one of {ALL_SOURCES}")
     section = dict(examples[source])
     section.update(settings)
     return {k: v for k, v in section.items() if v is not None}
@@ -185,7 +218,11 @@ def filter_config(source: str, identity_provider_id: str = PLACEHOLDER_PROVIDER,
                   **extra) -> dict:
     """The filter's configuration (see the README): `subject` overrides fields of `subject_token`.
     scope "all" authorises every request the filter sees (no `hosts`); "hosts" lists `hosts`."""
-    endpoint = {"cluster": AUTH_CLUSTER, "authority": "auth.openai.com", "path": "/oauth/token", "timeout_ms": 5000}
+    if source == X509_SOURCE:
+        endpoint = {"cluster": MTLS_AUTH_CLUSTER, "authority": MTLS_AUTH_HOST}
+    else:
+        endpoint = {"cluster": AUTH_CLUSTER, "authority": "auth.openai.com"}
+    endpoint.update({"path": "/oauth/token", "timeout_ms": 5000})
     endpoint.update(token_endpoint or {})
     config = {
         "identity_provider_id": identity_provider_id,
@@ -194,6 +231,8 @@ def filter_config(source: str, identity_provider_id: str = PLACEHOLDER_PROVIDER,
         "subject_token_type": "jwt",
         "token_endpoint": endpoint,
     }
+    if source == X509_SOURCE:
+        del config["subject_token_type"]  # the source's own (urn:openai:params:oauth:token-type:x509)
     if scope == "all":
         config["scope"] = "all"
     else:
@@ -290,7 +329,7 @@ def _http_options(**options) -> dict:
             _typed("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", **options)}
 
 
-def _tls_socket(host: str, ca_file: str) -> dict:
+def _tls_socket_plain(host: str, ca_file: str) -> dict:
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": _typed(
@@ -305,6 +344,45 @@ def _tls_socket(host: str, ca_file: str) -> dict:
             },
         ),
     }
+
+
+def _client_certificate_sds(p: Params) -> dict:
+    """tls_certificate_sds_secret_configs entry: the certificate the mTLS clusters present."""
+    if p.client_certificate not in CLIENT_CERTIFICATE_SOURCES:
+        raise ValueError(f"unknown client_certificate {p.client_certificate!r}; one of {CLIENT_CERTIFICATE_SOURCES}")
+    if p.client_certificate == "files":
+        directory = str(Path(p.client_cert_sds_file).parent)
+        source = {"path_config_source": {"path": p.client_cert_sds_file, "watched_directory": {"path": directory}}}
+        name = p.client_cert_secret or CLIENT_CERT_SECRET
+    else:
+        source = {"api_config_source": {"api_type": "GRPC", "transport_api_version": "V3",
+                                        "grpc_services": [{"envoy_grpc": {"cluster_name": SDS_CLUSTER}}]}}
+        name = p.client_cert_secret or SPIRE_SVID_SECRET
+    return {"name": name, "sds_config": {"resource_api_version": "V3", **source}}
+
+
+def sds_secret_file(cert_dir: str = Params.client_cert_dir, name: str = CLIENT_CERT_SECRET) -> str:
+    """The SDS file of the "files" variant (Params.client_cert_sds_file): the secret `name` with the
+    certificate chain and key of the mounted Secret in cert_dir. Envoy re-reads the pair when an
+    entry is moved into cert_dir (kubelet's ..data swap on rotation), and the file itself when one
+    is moved into its own directory."""
+    directory = cert_dir.rstrip("/") or "/"
+    secret = {"resources": [_typed(
+        "envoy.extensions.transport_sockets.tls.v3.Secret", name=name,
+        tls_certificate={"certificate_chain": {"filename": f"{directory}/tls.crt"},
+                         "private_key": {"filename": f"{directory}/tls.key"},
+                         "watched_directory": {"path": directory}})]}
+    return yaml.dump(secret, Dumper=_Dumper, sort_keys=False, width=4096, default_flow_style=False)
+
+
+def _tls_socket(host: str, ca_file: str, client_certificate: dict | None = None) -> dict:
+    """Verified TLS to `host`; with client_certificate (an SDS secret config), mTLS presenting it."""
+    socket = _tls_socket_plain(host, ca_file)
+    if client_certificate:
+        socket["typed_config"]["common_tls_context"] = {
+            "tls_certificate_sds_secret_configs": [client_certificate],
+            **socket["typed_config"]["common_tls_context"]}
+    return socket
 
 
 def _tcp_cluster(name: str, address: str, port: int, connect_timeout: str, tls_host: str | None,
@@ -450,12 +528,13 @@ def _wasm_filter(p: Params, config: dict, note) -> dict:
     }
 
 
-def _gateway_listener(p: Params, config: dict, note) -> dict:
+def _gateway_listener(p: Params, config: dict, note, x509: bool = False) -> dict:
+    api_cluster = MTLS_API_CLUSTER if x509 else API_CLUSTER
     api_route = {
         "match": {"prefix": "/"},
         "route": {
-            "cluster": API_CLUSTER,
-            "host_rewrite_literal": "api.openai.com",
+            "cluster": api_cluster,
+            "host_rewrite_literal": p.mtls_api_host if x509 else "api.openai.com",
             note("""\
                 No overall deadline: completions can stream for minutes. A stream that stays silent
                 for idle_timeout is ended."""): None,
@@ -487,7 +566,7 @@ def _gateway_listener(p: Params, config: dict, note) -> dict:
             "name": "echo",
             "domains": _domains([p.echo_host]),
             "routes": [{"match": {"prefix": "/"},
-                        "route": {"cluster": API_CLUSTER, "prefix_rewrite": "/echo/", "timeout": "10s"}}],
+                        "route": {"cluster": api_cluster, "prefix_rewrite": "/echo/", "timeout": "10s"}}],
         })
     virtual_hosts.append({
         note("Everything else is refused: the gateway is not an open proxy."): None,
@@ -569,6 +648,44 @@ def _free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+def _mtls_clusters(p: Params, note) -> list:
+    """The x509 source's clusters: the token endpoint and the API over mTLS, presenting the
+    gateway's certificate, verifying the server against ca_file and its name."""
+    certificate = _client_certificate_sds(p)
+    where = (f"the certificate of the mounted Secret in {p.client_cert_dir}, delivered by SDS from "
+             f"{p.client_cert_sds_file} (rotation needs no restart: both are watched)"
+             if p.client_certificate == "files" else
+             f"the workload's X.509-SVID from the SPIRE agent's SDS (secret {certificate['name']!r}), rotated by the agent")
+    api_extra = {
+        "typed_extension_protocol_options": _http_options(
+            auto_config={"http_protocol_options": {}, "http2_protocol_options": {}}),
+        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
+                                             "max_requests": 4096}]},
+    }
+    api = _tcp_cluster(MTLS_API_CLUSTER, p.mtls_api_address or p.mtls_api_host, p.api_port, "5s", None, p.ca_file,
+                       note=note(textwrap.fill(
+                           f"The OpenAI API for X.509 workload identity ({p.mtls_api_host}): every request "
+                           f"carries the bearer and presents {where}. The server is verified against ca_file "
+                           f"and its name.", 96)), **api_extra)
+    api["transport_socket"] = _tls_socket(p.mtls_api_host, p.ca_file, copy.deepcopy(certificate))
+    auth = _tcp_cluster(MTLS_AUTH_CLUSTER, p.mtls_auth_address or MTLS_AUTH_HOST, p.auth_port, "5s", None,
+                        p.ca_file, note=note(textwrap.fill(
+                            f"OpenAI's token endpoint for X.509 workload identity ({MTLS_AUTH_HOST}): the "
+                            f"filter's exchange (no subject token) presents {where}; the certificate is the "
+                            f"credential.", 96)))
+    auth["transport_socket"] = _tls_socket(MTLS_AUTH_HOST, p.ca_file, copy.deepcopy(certificate))
+    clusters = [api, auth]
+    if p.client_certificate == "sds":
+        clusters.append({
+            note("""\
+                The SPIRE agent's SDS (the same unix socket as its Workload API), over gRPC (HTTP/2).
+                Register the gateway as a workload so the agent issues it an X.509-SVID."""): None,
+            "name": SDS_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+            "typed_extension_protocol_options": _http_options(explicit_http_config={"http2_protocol_options": {}}),
+            "load_assignment": _endpoints(SDS_CLUSTER, {"pipe": {"path": p.spiffe_socket}})})
+    return clusters
+
+
 def _openai_clusters(p: Params, note) -> list:
     api_extra = {}
     if p.upstream_tls:
@@ -620,8 +737,8 @@ def _identity_cluster(name: str, p: Params, note) -> dict:
 
 
 def _bootstrap(profile: str, source: str, p: Params, notes: _Notes) -> dict:
-    if source not in SOURCES:
-        raise ValueError(f"unknown subject token source {source!r}; one of {SOURCES}")
+    if source not in ALL_SOURCES:
+        raise ValueError(f"unknown subject token source {source!r}; one of {ALL_SOURCES}")
     config = p.filter_config if p.filter_config is not None else filter_config(source, hosts=p.api_hosts,
                                                                                   scope=p.filter_scope)
     wanted = p.identity_clusters if p.identity_clusters is not None else (
@@ -634,17 +751,26 @@ def _bootstrap(profile: str, source: str, p: Params, notes: _Notes) -> dict:
     if "wif_token_file" in identity and p.token_port == 0:
         # The listener and the cluster must name the same port, so choose it here.
         p = dataclasses.replace(p, token_port=_free_loopback_port())
-    listeners = [_gateway_listener(p, config, notes)]
+    x509 = source == X509_SOURCE
+    listeners = [_gateway_listener(p, config, notes, x509)]
     if "wif_token_file" in identity:
         listeners.append(_token_file_listener(p, notes))
-    clusters = _openai_clusters(p, notes) + [_identity_cluster(name, p, notes) for name in identity]
+    clusters = (_mtls_clusters(p, notes) if x509 else _openai_clusters(p, notes)) + [
+        _identity_cluster(name, p, notes) for name in identity]
 
-    bootstrap = {
+    bootstrap = {}
+    if x509:
+        bootstrap["node"] = {
+            notes("""\
+                SDS needs a node id and cluster (any names: the SPIRE agent identifies the gateway by the
+                process on its socket, not by these)."""): None,
+            "id": GATEWAY_LISTENER, "cluster": GATEWAY_LISTENER}
+    bootstrap.update({
         "admin": {
             notes("Admin (stats, readiness) on loopback only: it can change the server's state."): None,
             "address": _socket(p.admin_address, p.admin_port),
         },
-    }
+    })
     bootstrap["overload_manager"] = {"resource_monitors": [{
         "name": "envoy.resource_monitors.global_downstream_max_connections",
         "typed_config": _typed(
@@ -762,11 +888,59 @@ EXAMPLES = {
 }
 
 
+_X509_SETUP = """\
+OpenAI side (X.509 workload identity): upload and activate the mesh's trust root in the
+organisation's Mutual TLS settings, create an X.509 Workload Identity Provider whose attribute
+transformation derives openai.subject from the certificate (e.g. its SPIFFE URI SAN, else its CN),
+and map that subject to a service account. The filter's hosts stay the callers' names
+(api.openai.com); the route rewrites to the mTLS API host (mtls.api.openai.com; regional:
+mtls-us.api.openai.com, mtls-eu.api.openai.com)."""
+
+EXAMPLES.update({
+    "x509.yaml": {
+        "source": X509_SOURCE,
+        "about": """\
+            X.509 workload identity: the gateway's own mTLS certificate is the OpenAI credential (no
+            token volume, no metadata server, no JWT). The filter exchanges at mtls.auth.openai.com with
+            no subject token; Envoy presents the certificate in the TLS handshake, and again on every
+            API request to mtls.api.openai.com with the bearer. The certificate comes from a mounted
+            Secret (tls.crt: leaf then intermediates; tls.key) at /var/run/secrets/openai-mtls, named by
+            the SDS file /etc/envoy/sds/openai-client-certificate.yaml (envoy/sds/ has it; mount it,
+            e.g. from a ConfigMap). Envoy watches both: a rotated Secret is used by the next
+            connection, with no restart.""",
+        "x509_setup": True,
+    },
+    "x509-spire.yaml": {
+        "source": X509_SOURCE,
+        "overrides": {"client_certificate": "sds"},
+        "about": """\
+            X.509 workload identity with SPIRE: the gateway's X.509-SVID, from the SPIRE agent's SDS on
+            its unix socket (/run/spire/agent.sock; secret "default", the workload's own SVID), is the
+            OpenAI credential; the agent rotates it. The filter exchanges at mtls.auth.openai.com with no
+            subject token, and API requests go to mtls.api.openai.com with the bearer and the SVID.
+            Upload the SPIRE trust bundle's root as the organisation's Mutual TLS root.""",
+        "x509_setup": True,
+    },
+})
+
+# Files other than bootstraps that the examples name (relative to envoy/), with their renderings.
+SUPPORT_FILES = {
+    "sds/openai-client-certificate.yaml": lambda: (
+        "".join(f"# {line}".rstrip() + "\n" for line in (GENERATED + "\n\n" + textwrap.dedent("""\
+            The SDS file of envoy/x509.yaml (at /etc/envoy/sds/openai-client-certificate.yaml): the
+            certificate the OpenAI mTLS clusters present, from the Secret mounted at
+            /var/run/secrets/openai-mtls (tls.crt: leaf then intermediates; tls.key).""")).splitlines())
+        + "\n" + sds_secret_file()),
+}
+
+
 def render_example(filename: str) -> str:
     example = EXAMPLES[filename]
     header = GENERATED + "\n\n" + textwrap.dedent(example["about"]).strip("\n")
     if example.get("token_volume"):
         header += "\n" + _TOKEN_VOLUME
+    if example.get("x509_setup"):
+        header += "\n\n" + _X509_SETUP
     return render("production", example["source"], header=header, **example.get("overrides", {}))
 
 
@@ -788,6 +962,11 @@ def check(directory: Path = ENVOY_DIR, out=sys.stdout) -> bool:
                                         f"{filename} (checked in)", f"{filename} (rendered)", lineterm="", n=1)
             for line in list(diff)[:40]:
                 print("  " + line, file=out)
+    for filename, rendering in SUPPORT_FILES.items():
+        path = directory / filename
+        if not path.exists() or path.read_text() != rendering():
+            print(f"missing or differs from its rendering: {path}", file=out)
+            ok = False
     for path in sorted(directory.glob("*.yaml")):
         if path.name not in EXAMPLES:
             print(f"not generated (add it to EXAMPLES in tools/envoy_config.py or remove it): {path}", file=out)
@@ -803,6 +982,12 @@ def write(directory: Path = ENVOY_DIR) -> list:
         text = render_example(filename)
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
+            written.append(path)
+    for filename, rendering in SUPPORT_FILES.items():
+        path = directory / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text() != rendering():
+            path.write_text(rendering())
             written.append(path)
     return written
 

@@ -3,7 +3,8 @@
 1. The Envoy configurations under envoy/ are exactly what tools/envoy_config.py renders.
 2. Each of them passes `envoy --mode validate`. Validation loads the Wasm module and the token file
    named in the configuration, which exist only on a deployed gateway, so each file is validated
-   as a copy with those two paths pointed at the built module and a placeholder token.
+   as a copy with those two paths pointed at the built module and a placeholder token (and the x509
+   examples' SDS directory at an SDS file naming a throwaway certificate).
 3. The Istio manifests pass tools/istio_validate.py.
 4. The OCI image for Istio's WasmPlugin builds (tools/oci_image.py) and passes tests/test_oci_image.py.
 
@@ -25,6 +26,7 @@ REPO = envoy_config.REPO
 MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "openai_wif.wasm"
 DEPLOYED_MODULE = "/etc/envoy/openai_wif.wasm"
 DEPLOYED_TOKEN_DIR = "/var/run/secrets/tokens"
+DEPLOYED_SDS_DIR = str(Path(envoy_config.Params.client_cert_sds_file).parent)
 TIMEOUT_S = 300
 
 
@@ -68,6 +70,27 @@ def envoy_binary() -> str:
     return str(candidate) if candidate.exists() else "envoy"
 
 
+def _placeholder_certificate(directory: Path):
+    """tls.crt and tls.key in directory: a self-signed client certificate (validation only)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "openai-wif validate placeholder")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now)
+                   .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True)
+    (directory / "tls.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+
+
 def check_envoy_validate(report: Report):
     files = sorted((REPO / "envoy").glob("*.yaml"))
     if not MODULE.is_file():
@@ -79,14 +102,21 @@ def check_envoy_validate(report: Report):
         token_dir = Path(scratch, "tokens")
         token_dir.mkdir()
         (token_dir / "token").write_text("placeholder.subject.token")
+        sds_dir, cert_dir = Path(scratch, "sds"), Path(scratch, "openai-mtls")
+        _placeholder_certificate(cert_dir)
+        sds_dir.mkdir()
+        sds_file = Path(envoy_config.Params.client_cert_sds_file).name
+        (sds_dir / sds_file).write_text(envoy_config.sds_secret_file(str(cert_dir)))
         for path in files:
             text = path.read_text()
             copy = Path(scratch, path.name)
-            copy.write_text(text.replace(DEPLOYED_MODULE, str(MODULE)).replace(DEPLOYED_TOKEN_DIR, str(token_dir)))
+            copy.write_text(text.replace(DEPLOYED_MODULE, str(MODULE)).replace(DEPLOYED_TOKEN_DIR, str(token_dir))
+                            .replace(DEPLOYED_SDS_DIR + "/", str(sds_dir) + "/")
+                            .replace(DEPLOYED_SDS_DIR + "\n", str(sds_dir) + "\n"))
             result = _run([envoy_binary(), "--mode", "validate", "-c", str(copy), "-l", "error",
                            "--use-dynamic-base-id"])
-            rewritten = [what for what, original in (("module", DEPLOYED_MODULE), ("token dir", DEPLOYED_TOKEN_DIR))
-                         if original in text]
+            rewritten = [what for what, original in (("module", DEPLOYED_MODULE), ("token dir", DEPLOYED_TOKEN_DIR),
+                                                     ("SDS dir", DEPLOYED_SDS_DIR + "/")) if original in text]
             note = f" (validated with {' and '.join(rewritten)} rewritten)" if rewritten else ""
             name = f"envoy --mode validate {path.relative_to(REPO)}{note}"
             if result.returncode == 0:
