@@ -520,7 +520,8 @@ BAD_CONFIGS = [
     ({"callers": [rule(name="x" * 65)]}, "callers[0].name"),
     ({"caller_identity": "xfcc"}, "caller_identity"),
     ({"identity_provider_id": None}, "identity_provider_id"),
-    ({"service_account_id": None}, "service_account_id"),
+    # Without caller rules the top-level account is the only one: required (with rules, see below).
+    ({"service_account_id": None, "callers": None}, "service_account_id"),
 ]
 
 
@@ -534,6 +535,23 @@ def test_bad_rules_are_refused_at_load_naming_the_field(settings, field, standin
         stack.start()
     line = refused_line(tmp_path)
     assert names_field(line, field), line
+
+
+def test_with_caller_rules_the_top_level_service_account_may_be_left_out(make_stack, pki, standins):
+    """Every request takes the account of the rule it matches, so no top-level account is needed
+    (none in the configuration, none in the environment)."""
+    config = without_ids(default_filter_config("kubernetes", standins, subject=K8S_SUBJECT, callers=RULES),
+                         "service_account_id")
+    stack = make_stack("kubernetes", filter_config=config, **pki.listener())
+    for who, rule in ((INFERENCE, "inference"), (JOB, "batch")):
+        standins.openai.reset()
+        response = stack.request("GET", "/v1/models", tls=pki.tls(who), timeout=REQUEST_TIMEOUT_S)
+        assert response.status == 200, (response, startup_lines(stack)[-5:])
+        assert served_account(standins) == (K8S_SUB, PROVIDER[rule], ACCOUNT[rule])
+    standins.openai.reset()
+    assert_caller_not_allowed(stack.request("GET", "/v1/models", tls=pki.tls(OTHER), timeout=REQUEST_TIMEOUT_S),
+                              OTHER)
+    assert_no_rule_exchange(standins)
 
 
 def test_a_rule_without_a_service_account_is_refused_naming_it(standins, module_path, tmp_path, pki):
