@@ -90,10 +90,11 @@ def test_manifests_pass_the_cross_checks(manifests):
     sources = [(d.spec["pluginConfig"]["subject_token"]["source"], d.namespace) for d in plugins]
     assert set(sources) == {("header", "istio-system"), ("kubernetes", "istio-system"), ("gcp_metadata", "istio-system"),
                             ("azure_imds", "istio-system"), ("spiffe", "istio-system"), ("header", "ai"),
-                            ("kubernetes", "ai")}
+                            ("kubernetes", "ai"), ("x509", "istio-system"), ("x509", "ai")}
     assert sources.count(("kubernetes", "istio-system")) == 2  # kubernetes/ and callers/
-    resolved = [f for f in findings if " cluster " in f.subject or "token_endpoint.cluster " in f.subject]
-    assert len(resolved) == len(plugins) + sum(1 for s, _ in sources if s != "header")
+    resolved = [f for f in findings if (" cluster " in f.subject or "token_endpoint.cluster " in f.subject)
+                and f"[{iv.RULE_X509}]" not in f.message]
+    assert len(resolved) == len(plugins) + sum(1 for s, _ in sources if s not in ("header", "x509"))
 
 
 def test_manifests_follow_the_plugin_contract(manifests):
@@ -104,9 +105,17 @@ def test_manifests_follow_the_plugin_contract(manifests):
         assert spec["match"] == [{"mode": "CLIENT", "ports": [{"number": 80}]}]
         config = spec["pluginConfig"]
         gateway = doc.namespace == "istio-system"
-        assert config["token_endpoint"]["cluster"] == ("outbound|443||auth.openai.com" if gateway else
-                                                       "outbound|80|openai-auth|istio-egressgateway.istio-system.svc.cluster.local")
-        assert config["token_endpoint"]["authority"] == "auth.openai.com"
+        if config["subject_token"]["source"] == "x509":
+            # The certificate is the credential: the exchange goes straight to OpenAI's mTLS token
+            # endpoint through a cluster that presents it (never through the gateway's ISTIO_MUTUAL).
+            assert config["subject_token"] == {"source": "x509"} and "subject_token_type" not in config
+            assert config["token_endpoint"]["cluster"] == ("outbound|443||mtls.auth.openai.com" if gateway else
+                                                           "openai_mtls_auth")
+            assert config["token_endpoint"]["authority"] == "mtls.auth.openai.com"
+        else:
+            assert config["token_endpoint"]["cluster"] == ("outbound|443||auth.openai.com" if gateway else
+                                                           "outbound|80|openai-auth|istio-egressgateway.istio-system.svc.cluster.local")
+            assert config["token_endpoint"]["authority"] == "auth.openai.com"
         assert config["hosts"] == ["api.openai.com"]
         if gateway:
             assert spec["selector"]["matchLabels"] == {"istio": "egressgateway", "app": "istio-egressgateway"}
@@ -361,7 +370,7 @@ def test_selectors_must_select_the_gateway(manifests):
                   lambda o: o["spec"]["selector"]["matchLabels"].update(istio="ingressgateway"))
     lines = failures(docs)
     assert any("AuthorizationPolicy istio-system/openai-egress-callers" in l and "matches no Gateway" in l for l in lines)
-    assert sum("WasmPlugin istio-system/openai-wif" in l and "matches no Gateway" in l for l in lines) == 6
+    assert sum("WasmPlugin istio-system/openai-wif" in l and "matches no Gateway" in l for l in lines) == 7
 
 
 def test_envoy_rejects_a_misspelt_patch(manifests):
@@ -377,9 +386,9 @@ def test_envoy_rejects_a_misspelt_patch(manifests):
 # --- Istio semantics: each rule refuses a bad manifest, naming the rule and the file ---------------
 
 RULE_PASSES = {  # rule -> findings it makes on the shipped manifests (all must pass)
-    iv.RULE_PHASE: 8, iv.RULE_FAIL: 8, iv.RULE_MATCH: 6, iv.RULE_HOSTS: 1, iv.RULE_SELECTOR: 11,
-    iv.RULE_PINNED: 8, iv.RULE_SIDECAR_TOKEN: 2, iv.RULE_TLS_EXPORT: 2, iv.RULE_UPSTREAM: 8,
-    iv.RULE_CALLERS: 1, iv.RULE_CALLER_CERT: 1, iv.RULE_CALLER_FENCE: 1,
+    iv.RULE_PHASE: 10, iv.RULE_FAIL: 10, iv.RULE_MATCH: 7, iv.RULE_HOSTS: 1, iv.RULE_SELECTOR: 12,
+    iv.RULE_PINNED: 10, iv.RULE_SIDECAR_TOKEN: 2, iv.RULE_TLS_EXPORT: 4, iv.RULE_UPSTREAM: 10,
+    iv.RULE_CALLERS: 1, iv.RULE_CALLER_CERT: 1, iv.RULE_CALLER_FENCE: 1, iv.RULE_X509: 4,
 }
 
 
@@ -490,9 +499,9 @@ def test_application_namespace_selectors_need_only_their_own_labels(manifests):
 def test_the_committed_placeholders_are_refused_unless_template(manifests):
     # Before `kubectl apply` (no --template): every plugin is refused until it is pinned.
     lines = [l for l in failures(manifests, template=False)]
-    assert len(lines) == 8 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
+    assert len(lines) == 10 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
     for part in ("header", "kubernetes", "gcp-metadata", "azure-imds", "spiffe", "sidecar-header", "sidecar-kubernetes",
-                 "callers"):
+                 "callers", "x509-gateway", "x509-sidecar"):
         assert any(f"istio/{part}/wasmplugin.yaml" in l for l in lines), part
     assert "the all-zero sha256 and the repository placeholder" in lines[0]
     assert "--pin istio --repository" in lines[0]
@@ -514,7 +523,7 @@ def test_cli_refuses_the_unpinned_manifests():
                           timeout=120)
     assert proc.returncode == 1
     failed = [l for l in proc.stdout.splitlines() if l.startswith("FAIL")]
-    assert len(failed) == 8 and all(f"[{iv.RULE_PINNED}]" in l for l in failed)
+    assert len(failed) == 10 and all(f"[{iv.RULE_PINNED}]" in l for l in failed)
 
 
 def pin_copy(tmp_path, *repository) -> tuple[Path, str]:
@@ -528,7 +537,7 @@ def pin_copy(tmp_path, *repository) -> tuple[Path, str]:
                            str(tmp_path / "oci-image"), "--tag", "1.2.3", "--pin", str(copy_dir), *repository],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("pinned ") == 8
+    assert proc.stdout.count("pinned ") == 10
     return copy_dir, proc.stdout.strip().splitlines()[-1]
 
 
@@ -546,7 +555,7 @@ def test_pinned_manifests_pass_every_check(tmp_path, catalog):
 def test_make_pin_without_a_repository_leaves_only_the_repository_to_set(tmp_path):
     pinned, _ = pin_copy(tmp_path)  # `make pin`: digest and tag, the repository stays ghcr.io/<org>/...
     lines = failures(iv.collect_documents([pinned]), template=False)
-    assert len(lines) == 8 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
+    assert len(lines) == 10 and all(f"[{iv.RULE_PINNED}]" in l for l in lines)
     assert all("the repository placeholder in oci://ghcr.io/<org>/openai-wif:1.2.3" in l and "all-zero" not in l
                for l in lines)
 
@@ -981,3 +990,144 @@ def test_the_documented_mesh_config_defines_the_telemetry_provider_with_every_fi
                         for chain in listener["filter_chains"] for flt in chain["filters"]
                         for log in flt.get("typed_config", {}).get("access_log", []))
     assert {k: v for k, v in labels.items() if envoy_format.get(k) != v} == {}
+
+
+# --- X.509: the certificate is the credential --------------------------------------------------------
+
+
+def x509_cluster(name):
+    """Edit one cluster of the x509 sidecar EnvoyFilter by name."""
+    def edit(change):
+        def apply(obj):
+            for patch in obj["spec"]["configPatches"]:
+                value = patch["patch"]["value"]
+                if patch["applyTo"] == "CLUSTER" and value["name"] == name:
+                    change(value)
+        return apply
+    return edit
+
+
+def x509_sidecar_filter(d):
+    return d.kind == "EnvoyFilter" and "x509-sidecar/" in d.source
+
+
+def tls_context(cluster):
+    return cluster["transport_socket"]["typed_config"]
+
+
+def test_the_x509_plugins_present_a_certificate_on_both_legs(manifests):
+    findings = [f for f in iv.cross_check(manifests, template=True) if f"[{iv.RULE_X509}]" in f.message]
+    assert {(f.subject.split(" (")[0], f.ok) for f in findings} == {
+        ("WasmPlugin ai/openai-wif-sidecar", True), ("WasmPlugin istio-system/openai-wif", True)}
+    text = "\n".join(f.line() for f in findings)
+    assert "token_endpoint.cluster openai_mtls_auth" in text and "presenting SDS secret default" in text
+    assert "upstream_clusters openai_mtls_api" in text
+    assert "MUTUAL with credentialName openai-mtls-client, sni mtls.auth.openai.com" in text
+    assert "MUTUAL with credentialName openai-mtls-client, sni mtls.api.openai.com" in text
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda c: tls_context(c)["common_tls_context"].pop("tls_certificate_sds_secret_configs"),
+     "openai_mtls_auth presents no client certificate"),
+    (lambda c: c.pop("transport_socket"), "openai_mtls_auth has no TLS transport socket"),
+    (lambda c: tls_context(c)["common_tls_context"]["tls_certificate_sds_secret_configs"][0].update(
+        sds_config={"path_config_source": {"path": "/etc/certs/sds.yaml"}}), "without sds_config {ads: {}"),
+    (lambda c: tls_context(c)["common_tls_context"].update(
+        validation_context_sds_secret_config={"name": "ROOTCA", "sds_config": {"ads": {}, "resource_api_version": "V3"}}),
+     "verifies the server against ROOTCA, the mesh root"),
+    (lambda c: tls_context(c)["common_tls_context"].pop("validation_context"), "does not verify OpenAI's server"),
+    (lambda c: tls_context(c).update(sni="auth.openai.com"), "sends SNI 'auth.openai.com'"),
+    (lambda c: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"].update(
+        address="auth.openai.com"), "must connect to mtls.auth.openai.com:443"),
+])
+def test_the_x509_sidecar_token_cluster_must_present_the_workload_certificate(manifests, change, expected):
+    docs = edited(manifests, x509_sidecar_filter, x509_cluster("openai_mtls_auth")(change))
+    lines = refused(docs, iv.RULE_X509, "istio/x509-sidecar/wasmplugin.yaml")
+    assert len(lines) == 1 and "token_endpoint.cluster openai_mtls_auth" in lines[0] and expected in lines[0], lines
+
+
+def test_the_x509_sidecar_api_cluster_must_present_it_too(manifests):
+    docs = edited(manifests, x509_sidecar_filter, x509_cluster("openai_mtls_api")(
+        lambda c: tls_context(c)["common_tls_context"].pop("tls_certificate_sds_secret_configs")))
+    lines = refused(docs, iv.RULE_X509, "istio/x509-sidecar/wasmplugin.yaml")
+    assert len(lines) == 1 and "upstream_clusters openai_mtls_api" in lines[0] and "presents no client certificate" in lines[0]
+
+
+def test_an_x509_exchange_never_goes_through_the_gateway_mesh_tls(manifests):
+    # Through the gateway's ISTIO_MUTUAL subset the pod's certificate would reach the gateway, not OpenAI.
+    def through_gateway(obj):
+        obj["spec"]["pluginConfig"]["token_endpoint"]["cluster"] = \
+            "outbound|80|openai-auth|istio-egressgateway.istio-system.svc.cluster.local"
+    lines = refused(edited(manifests, is_plugin("x509-sidecar/"), through_gateway), iv.RULE_X509,
+                    "istio/x509-sidecar/wasmplugin.yaml")
+    assert "is for istio-egressgateway.istio-system.svc.cluster.local, must be one of ['mtls.auth.openai.com']" in lines[0]
+
+    def elsewhere(obj):
+        obj["spec"]["pluginConfig"]["token_endpoint"]["authority"] = "auth.openai.com"
+    lines = refused(edited(manifests, is_plugin("x509-sidecar/"), elsewhere), iv.RULE_X509,
+                    "istio/x509-sidecar/wasmplugin.yaml")
+    assert "OpenAI's X.509 token endpoint is mtls.auth.openai.com" in lines[0]
+
+
+@pytest.mark.parametrize("tls,expected", [
+    ({"mode": "SIMPLE", "sni": "mtls.auth.openai.com"}, "presents no client certificate: its TLS is SIMPLE"),
+    ({"mode": "ISTIO_MUTUAL"}, "verifies OpenAI against the mesh root"),
+    ({"mode": "MUTUAL", "sni": "mtls.auth.openai.com"}, "MUTUAL without credentialName or clientCertificate"),
+    ({"mode": "MUTUAL", "credentialName": "openai-mtls-client", "sni": "mtls.auth.openai.com", "insecureSkipVerify": True},
+     "insecureSkipVerify"),
+    ({"mode": "MUTUAL", "credentialName": "openai-mtls-client"}, "must set sni mtls.auth.openai.com"),
+])
+def test_the_x509_gateway_token_cluster_must_originate_mutual_tls(manifests, tls, expected):
+    docs = edited(manifests, lambda d: d.name == "openai-mtls-auth-tls",
+                  lambda o: o["spec"]["trafficPolicy"]["portLevelSettings"][0].update(tls=tls))
+    lines = [l for l in refused(docs, iv.RULE_X509, "istio/x509-gateway/wasmplugin.yaml") if "token_endpoint" in l]
+    assert lines and expected in lines[0], lines
+
+
+def test_the_x509_api_route_must_rewrite_the_host(manifests):
+    def drop_vs_rewrite(obj):
+        for route in obj["spec"]["http"]:
+            route.pop("rewrite", None)
+    docs = edited(manifests, lambda d: d.kind == "VirtualService" and "x509-gateway/" in d.source, drop_vs_rewrite)
+    lines = refused(docs, iv.RULE_X509, "istio/x509-gateway/wasmplugin.yaml")
+    assert "must rewrite the Host to an mTLS API host" in lines[0]
+
+    def drop_patch_rewrite(obj):
+        for patch in obj["spec"]["configPatches"]:
+            if patch["applyTo"] == "HTTP_ROUTE":
+                patch["patch"]["value"]["route"].pop("host_rewrite_literal")
+    docs = edited(manifests, x509_sidecar_filter, drop_patch_rewrite)
+    lines = refused(docs, iv.RULE_X509, "istio/x509-sidecar/wasmplugin.yaml")
+    assert "must rewrite the Host to an mTLS API host" in lines[0] and "[None]" in lines[0]
+
+
+def test_the_x509_sidecar_route_patch_decides_where_tokens_go(manifests):
+    # Without the route patch the pod's api.openai.com route still leads to the egress gateway.
+    docs = edited(manifests, x509_sidecar_filter, lambda o: o["spec"].update(
+        configPatches=[p for p in o["spec"]["configPatches"] if p["applyTo"] != "HTTP_ROUTE"]))
+    lines = refused(docs, iv.RULE_UPSTREAM, "istio/x509-sidecar/wasmplugin.yaml")
+    assert "['openai_mtls_api'] are not where the routes" in lines[0]
+    # The patch belongs to its own identity directory: the other sidecar variants keep the gateway route.
+    assert not any("sidecar-header/" in l or "sidecar-kubernetes/" in l for l in failures(docs))
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda c: c["subject_token"].update(cluster="wif_token_file"), "subject_token ['cluster'] with source x509"),
+    (lambda c: c.update(subject_token_type="jwt"), "subject_token_type 'jwt' with source x509: leave it out"),
+])
+def test_the_x509_source_takes_no_subject_token_settings(manifests, edit, expected):
+    docs = edited(manifests, is_plugin("x509-gateway/"), lambda o: edit(o["spec"]["pluginConfig"]))
+    assert any("istio/x509-gateway/wasmplugin.yaml" in l and expected in l for l in failures(docs))
+
+
+def test_envoy_loads_the_sds_clusters_and_rejects_a_misspelt_one(manifests):
+    envoy = iv.find_envoy()
+    assert envoy
+    findings = iv.envoy_check(manifests, envoy)
+    assert all(f.ok for f in findings)
+    assert any("x509-sidecar/mtls-envoyfilter.yaml" in f.subject and "4 added listeners/clusters" in f.message
+               for f in findings)
+    docs = edited(manifests, x509_sidecar_filter, x509_cluster("openai_mtls_api")(
+        lambda c: tls_context(c)["common_tls_context"]["tls_certificate_sds_secret_configs"][0].update(sds_confg={})))
+    bad = [f for f in iv.envoy_check(docs, envoy) if not f.ok]
+    assert len(bad) == 1 and "sds_confg" in bad[0].message
