@@ -627,6 +627,10 @@ def test_x509_clusters_present_the_same_certificate_and_verify_the_server(filena
         assert "tls_certificates" not in context["common_tls_context"]  # SDS: rotation without a restart
         secrets.append(secret)
     assert secrets[0] == secrets[1]
+    # Each exchange on a new connection: the TLS handshake presents the certificate as it is now.
+    options = found[envoy_config.MTLS_AUTH_CLUSTER]["typed_extension_protocol_options"]
+    assert options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["common_http_protocol_options"] == {
+        "max_requests_per_connection": 1}
     sds = secrets[0]["sds_config"]
     assert sds["resource_api_version"] == "V3"
     if filename == "x509.yaml":

@@ -25,8 +25,8 @@ with its OAuth error). Whether the chain reaches an *activated* root is the endp
 `require_certificate=False` accepts a handshake without a certificate (then: 401
 invalid_subject_token).
 
-The API (`/v1/...`) checks the client certificate (accepted: chain to an activated root, in its
-validity; else 403) and the bearer (issued here, not expired; else 401) independently: the bearer is
+The API (`/v1/...`) checks the client certificate (accepted: chain to an activated root, valid
+when the connection was opened, as a TLS server checks it once per handshake; else 403) and the bearer (issued here, not expired; else 401) independently: the bearer is
 not bound to the certificate. It reports `x-standin-sub`, `x-standin-service-account` and
 `x-standin-client-subject` (the subject of the certificate on this connection), and records every
 request in `api_log`. Python 3.11's ssl shows only the peer's leaf certificate, so the chain is
@@ -110,6 +110,7 @@ class _TlsServer(_Server):
         try:
             der = connection.getpeercert(binary_form=True)
             standin._peer.certificate = x509.load_der_x509_certificate(der) if der else None
+            standin._peer.opened = datetime.datetime.now(datetime.timezone.utc)
             self.RequestHandlerClass(connection, client_address, self)
         except (ssl.SSLError, OSError):
             pass
@@ -201,11 +202,12 @@ class X509Standin(OpenAIStandin):
 
     # Certificates
 
-    def check_certificate(self, certificate) -> dict:
-        """The certificate's facts if the endpoint accepts it; else OAuthError(401, invalid_subject_token)."""
+    def check_certificate(self, certificate, at: datetime.datetime | None = None) -> dict:
+        """The certificate's facts if the endpoint accepts it (valid at `at`, default now); else
+        OAuthError(401, invalid_subject_token)."""
         if certificate is None:
             raise OAuthError(401, "invalid_subject_token", "no client certificate was presented")
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = at or datetime.datetime.now(datetime.timezone.utc)
         chain = [certificate]
         while True:
             current = chain[-1]
@@ -352,7 +354,7 @@ class X509Standin(OpenAIStandin):
             self.api_requests.append((request.path, authorization, request.headers))
             self.api_log.append(entry)
         try:
-            self.check_certificate(certificate)
+            self.check_certificate(certificate, at=getattr(self._peer, "opened", None))
         except OAuthError as refusal:
             entry["status"] = 403
             with self._lock:
