@@ -39,7 +39,9 @@ def pki(tmp_path_factory):
 def standin_server(pki):
     server = X509Standin(pki["server"], trusted_cas=[pki["root"], pki["other"]], activated_roots=[pki["root"]],
                          intermediates=[pki["issuing"]])
-    server.add_provider(PROVIDER, [x509_mapping(ACCOUNT, sub="spiffe://example.com/ns/egress/*")])
+    server.add_provider(PROVIDER, [x509_mapping(ACCOUNT, sub="spiffe://example.com/ns/egress/*"),
+                                   x509_mapping("sa_inference", sub=GATEWAY_ID),
+                                   x509_mapping("sa_batch", sub=GATEWAY_ID)])
     with server:
         yield server
 
@@ -210,3 +212,56 @@ def test_the_api_refuses_the_bearer_without_the_certificate(tmp_path, standin, p
     finally:
         connection.close()
 
+
+
+def test_without_a_rotation_the_token_dies_with_the_certificate(tmp_path, standin, pki):
+    lifetime = 5
+    short = pki["issuing"].client(GATEWAY_ID, lifetime_s=lifetime)
+    with Gateway(tmp_path, standin, pki, short) as gateway:
+        assert gateway.request().status == 200, failure(gateway, standin)
+        token = f"Bearer {standin.exchange_log[0]['token']}"
+        late = []
+        deadline = not_after(short) + 3
+        while time.time() < deadline:
+            response = gateway.request()
+            if time.time() > not_after(short) + 0.5:
+                late.append(response)
+            time.sleep(0.1)
+        used = [e["time"] for e in standin.api_log if e["authorization"] == token]
+        assert used and max(used) < not_after(short), failure(gateway, standin)
+        assert late and all(r.status == 502 for r in late), (late[:3], failure(gateway, standin))
+        assert "invalid_subject_token" in late[-1].json()["error"]["message"]
+        assert "validity" in late[-1].json()["error"]["message"]
+
+
+def test_a_refused_handshake_is_a_503_token_endpoint_unavailable(tmp_path, standin, pki):
+    unknown = TestCA(tmp_path / "pki", "never uploaded").client(GATEWAY_ID)
+    with Gateway(tmp_path, standin, pki, unknown) as gateway:
+        response = gateway.request()
+        assert response.status == 503, (response, failure(gateway, standin))
+        assert response.json()["error"]["code"] == "token_endpoint_unavailable"
+        assert standin.handshake_failures and standin.exchanges == 0 and standin.api_log == []
+
+
+def test_caller_rules_give_each_mesh_caller_its_service_account_with_the_gateways_certificate(
+        tmp_path, standin, pki):
+    callers = TestCA(tmp_path / "callers", "callers CA")
+    inference = callers.client("spiffe://cluster.local/ns/ai/sa/inference")
+    job = callers.client("spiffe://cluster.local/ns/batch/sa/job")
+    rogue = callers.client("spiffe://cluster.local/ns/other/sa/rogue")
+    rules = [{"name": "inference", "principals": [inference.uris[0]], "service_account_id": "sa_inference"},
+             {"name": "batch", "principals": ["spiffe://cluster.local/ns/batch/*"], "service_account_id": "sa_batch"}]
+    certificate = pki["issuing"].client(GATEWAY_ID)
+    with Gateway(tmp_path, standin, pki, certificate, callers=rules,
+                 overrides=callers.listener_overrides()) as gateway:
+        for _ in range(3):
+            for who, account in ((inference, "sa_inference"), (job, "sa_batch")):
+                response = gateway.request(tls=callers.client_context(who))
+                assert response.status == 200, (response, failure(gateway, standin))
+                assert response.header("x-standin-service-account") == account
+        refused = gateway.request(tls=callers.client_context(rogue))
+        assert refused.status == 403 and refused.json()["error"]["code"] == "caller_not_allowed"
+        ok = [e for e in standin.exchange_log if e["ok"]]
+        assert sorted(e["service_account_id"] for e in ok) == ["sa_batch", "sa_inference"], failure(gateway, standin)
+        assert {e["fingerprint"] for e in ok} == {fingerprint(certificate)}
+        assert {e["client_fingerprint"] for e in standin.api_log} == {fingerprint(certificate)}
