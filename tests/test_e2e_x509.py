@@ -147,6 +147,8 @@ def test_an_unaccepted_certificate_is_a_502_naming_the_certificate_problem(tmp_p
         assert error["code"] == "token_exchange_failed"
         assert "invalid_subject_token" in error["message"], error
         assert "activated root" in error["message"], error
+        assert "HTTP 401" in error["message"], error
+        assert response.header("x-openai-wif-error") == "token_exchange_failed"
         assert standin.api_log == []  # nothing reached the API
         assert standin.exchanges_ok == 0 and standin.rejections[0]["reason"] == "invalid_subject_token"
 

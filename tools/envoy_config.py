@@ -672,9 +672,9 @@ def _mtls_clusters(p: Params, note) -> list:
                         p.ca_file, note=note(textwrap.fill(
                             f"OpenAI's token endpoint for X.509 workload identity ({MTLS_AUTH_HOST}): the "
                             f"filter's exchange (no subject token) presents {where}; the certificate is the "
-                            f"credential. One exchange per connection: every exchange makes a new TLS "
-                            f"handshake, so the one after a rotation presents the new certificate (a pooled "
-                            f"connection would present the certificate it was opened with).", 96)),
+                            f"credential. One exchange per connection: every exchange makes its own TLS "
+                            f"handshake, with the certificate as it is at that moment (never on a connection "
+                            f"opened before a rotation).", 96)),
                         typed_extension_protocol_options=_http_options(
                             common_http_protocol_options={"max_requests_per_connection": 1},
                             explicit_http_config={"http_protocol_options": {}}))
