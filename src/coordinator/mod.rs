@@ -47,7 +47,9 @@ use std::time::Duration;
 use crate::admission::{self, Admit};
 use crate::cache::{self, lookup, CachedToken, Lookup, Record, SubjectRecord, Table};
 use crate::callers::{self, CallerSource};
-use crate::config::{Account, Config, Handling, Limits, SubjectSource};
+use crate::config::{
+    Account, Config, Handling, Limits, SubjectSource, PROVIDER_ENV, SERVICE_ACCOUNT_ENV,
+};
 use crate::exchange;
 use crate::host::Host;
 use crate::identity::IdentityKey;
@@ -329,20 +331,28 @@ impl<H: Host> Coordinator<H> {
             }
         }
         drop(gateways);
-        let ids_from = if config.account_from_env.is_empty() {
-            "the configuration".to_string()
-        } else {
-            format!(
-                "the VM environment ({})",
-                config.account_from_env.join(", ")
-            )
+        let from = |var: &str| {
+            if config.account_from_env.contains(&var) {
+                var.to_string()
+            } else {
+                "the configuration".to_string()
+            }
         };
+        let service_account = if config.account.service_account_id.is_empty() {
+            "service_account_id from each caller rule".to_string()
+        } else {
+            format!("service_account_id from {}", from(SERVICE_ACCOUNT_ENV))
+        };
+        let ids_from = format!(
+            "identity_provider_id from {}, {service_account}",
+            from(PROVIDER_ENV)
+        );
         let scope = match &config.scope {
             crate::config::Scope::Hosts(hosts) => format!("hosts {hosts:?}"),
             crate::config::Scope::All => "every request the filter sees".to_string(),
         };
         log::info!(
-            "openai_wif {}: subject source {}, token endpoint cluster {}, authorising {scope}, at most {} identities, {} caller rules, provider and service account ids from {ids_from}",
+            "openai_wif {}: subject source {}, token endpoint cluster {}, authorising {scope}, at most {} identities, {} caller rules, {ids_from}",
             env!("CARGO_PKG_VERSION"),
             config.subject.name(),
             config.token_endpoint.cluster,
