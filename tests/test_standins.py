@@ -1022,3 +1022,30 @@ def test_x509_rotated_certificate_files_are_what_the_next_exchange_presents(x509
         assert mtls_call(x509_standin, x509_pki, client, body=x509_body())[0] == 200
     fingerprints = [entry["fingerprint"] for entry in x509_standin.exchange_log]
     assert len(set(fingerprints)) == 2 and None not in fingerprints
+
+
+def test_x509_api_checks_the_certificate_once_per_connection_and_the_endpoint_on_every_exchange(
+        x509_standin, x509_pki):
+    short = x509_pki["issuing"].client(X509_SUB, lifetime_s=2)
+    token = mtls_call(x509_standin, x509_pki, short, body=x509_body())[2]["access_token"]
+    context = x509_pki["root"].client_context(short)
+    kept = http.client.HTTPSConnection("127.0.0.1", x509_standin.port, timeout=5, context=context)
+    try:
+        headers = {"Host": "mtls.api.openai.com", "Authorization": f"Bearer {token}"}
+        kept.request("GET", "/v1/models", headers=headers)
+        reply = kept.getresponse()
+        reply.read()
+        assert reply.status == 200
+        time.sleep(2.2)  # the certificate has expired, and so has the token (expires_in <= its lifetime)
+        x509_standin.issued[token]["expires_at"] = time.time() + 60  # keep the bearer valid: check the certificate
+        kept.request("GET", "/v1/models", headers=headers)
+        reply = kept.getresponse()
+        reply.read()
+        assert reply.status == 200  # valid when this connection was opened
+    finally:
+        kept.close()
+    status, _, answer = mtls_call(x509_standin, x509_pki, short, "GET", "/v1/models", host="mtls.api.openai.com",
+                                  headers={"Authorization": f"Bearer {token}"})
+    assert status == 403 and "validity" in answer["error"]["message"]
+    status, _, answer = mtls_call(x509_standin, x509_pki, short, body=x509_body())
+    assert (status, answer["error"]) == (401, "invalid_subject_token")
