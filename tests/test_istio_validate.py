@@ -1131,3 +1131,14 @@ def test_envoy_loads_the_sds_clusters_and_rejects_a_misspelt_one(manifests):
         lambda c: tls_context(c)["common_tls_context"]["tls_certificate_sds_secret_configs"][0].update(sds_confg={})))
     bad = [f for f in iv.envoy_check(docs, envoy) if not f.ok]
     assert len(bad) == 1 and "sds_confg" in bad[0].message
+
+
+def test_envoy_check_stands_in_for_the_proxy_images_ca_bundle(manifests, tmp_path):
+    docs = edited(manifests, x509_sidecar_filter, x509_cluster("openai_mtls_auth")(
+        lambda c: tls_context(c)["common_tls_context"]["validation_context"]["trusted_ca"].update(
+            filename="/nonexistent/istio-proxy/ca-certificates.crt")))
+    bootstrap = iv.envoy_bootstrap([d for d in docs if x509_sidecar_filter(d)], tmp_path)
+    auth = next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "openai_mtls_auth")
+    assert Path(tls_context(auth)["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]).exists()
+    assert bootstrap["node"]["id"] and bootstrap["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+    assert all(f.ok for f in iv.envoy_check(docs, iv.find_envoy()))

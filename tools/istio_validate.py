@@ -1789,7 +1789,7 @@ def check_caller_fence(m: Manifests) -> list[Finding]:
 # --- X.509: the certificate is the credential --------------------------------------------------
 
 
-def _x509_added_cluster(m: Manifests, plugin: Document, name: str, host_choices: set) -> str | None:
+def _x509_added_cluster(m: Manifests, plugin: Document, name: str, host_choices: set) -> str:
     """An EnvoyFilter cluster for the x509 source: mutual TLS that presents a certificate (the
     proxy's SDS secret or files), verifies the server against a CA bundle that is not the mesh
     root, and sends an OpenAI mTLS host as SNI to that host's port 443."""
@@ -1950,6 +1950,14 @@ def envoy_bootstrap(docs: list[Document], scratch: Path) -> dict:
                 body["filename"] = str(local)
                 if "watched_directory" in body:
                     body["watched_directory"]["path"] = str(local.parent)
+    for cluster in clusters:
+        # The proxy image's CA bundle: where this machine has none at that path, a bundle that
+        # parses the same way (Envoy reads it when it builds the TLS context).
+        validation = (((cluster.get("transport_socket") or {}).get("typed_config") or {})
+                      .get("common_tls_context") or {}).get("validation_context") or {}
+        trusted = validation.get("trusted_ca") or {}
+        if "filename" in trusted and not Path(trusted["filename"]).exists():
+            trusted["filename"] = _local_ca_bundle()
     bootstrap = {"static_resources": {"listeners": listeners, "clusters": clusters}}
     if '"ads"' in json.dumps(clusters):
         # SDS over ADS (Istio's secret `default`): in a proxy, istio-agent serves it on the xDS
@@ -1967,6 +1975,18 @@ def envoy_bootstrap(docs: list[Document], scratch: Path) -> dict:
                          "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [
                              {"endpoint": {"address": {"pipe": {"path": str(scratch / "XDS")}}}}]}]}})
     return bootstrap
+
+
+def _local_ca_bundle() -> str:
+    for candidate in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt",
+                      "/etc/ssl/cert.pem"):
+        if Path(candidate).exists():
+            return candidate
+    try:
+        import certifi
+        return certifi.where()
+    except ImportError:
+        return "/etc/ssl/certs/ca-certificates.crt"
 
 
 def find_envoy() -> str | None:
