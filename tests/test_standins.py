@@ -1049,3 +1049,20 @@ def test_x509_api_checks_the_certificate_once_per_connection_and_the_endpoint_on
     assert status == 403 and "validity" in answer["error"]["message"]
     status, _, answer = mtls_call(x509_standin, x509_pki, short, body=x509_body())
     assert (status, answer["error"]) == (401, "invalid_subject_token")
+
+
+def test_sds_standin_messages_carry_the_secret_inline(x509_pki):
+    from tests.standins.sds import SECRET_TYPE, _decode, _field, decode_request, encode_response, encode_secret
+
+    client = x509_pki["client"]
+    response = dict((n, v) for n, v in _decode(encode_response("7", "3", [encode_secret("default", client)])))
+    assert (response[1], response[4], response[5]) == (b"7", SECRET_TYPE.encode(), b"3")
+    any_fields = dict(_decode(response[2]))
+    assert any_fields[1] == SECRET_TYPE.encode()
+    secret = dict(_decode(any_fields[2]))
+    assert secret[1] == b"default"
+    tls = dict(_decode(secret[2]))
+    assert dict(_decode(tls[1]))[2] == open(client.cert, "rb").read()  # the chain: leaf then intermediate
+    assert dict(_decode(tls[2]))[2] == open(client.key, "rb").read()
+    request = decode_request(_field(3, b"default") + _field(5, b"3") + _field(6, b"\x08\x03"))
+    assert request["resource_names"] == ["default"] and request["response_nonce"] == "3" and request["nack"]
