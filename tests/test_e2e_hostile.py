@@ -662,10 +662,17 @@ def filter_lines(text: str) -> list:
     return [line for line in text.splitlines() if "wasm log" in line]
 
 
+def filter_message(line: str) -> str:
+    """What the filter wrote, without Envoy's prefix (whose time, thread id and source line are
+    numbers too)."""
+    return line.split("openai_wif: ")[-1]
+
+
 def summary_total(lines: list) -> int:
-    """What summary lines account for: the largest number in each (its count; format-agnostic, and
-    generous: a larger number in a line only makes the total larger)."""
-    return sum(max((int(n) for n in re.findall(r"(?<![\w.])\d+(?![\w.])", line)), default=0) for line in lines)
+    """What summary lines account for: the largest number in each message (its count; format-agnostic,
+    and generous: a larger number in a line only makes the total larger)."""
+    return sum(max((int(n) for n in re.findall(r"(?<![\w.])\d+(?![\w.])", filter_message(line))), default=0)
+               for line in lines)
 
 
 def logged_at(line: str) -> float:
@@ -732,13 +739,13 @@ def test_a_flood_of_failures_is_summarised_in_the_log_not_written_per_request(de
     run = default_flood
     during, after = run["during"], run["after"]
     assert len(during) <= 12, (f"{len(during)} filter log lines for 300 failing requests, e.g. "
-                               f"{[line.split('openai_wif: ')[-1][:120] for line in during[:3]]}")
+                               f"{[filter_message(line)[:120] for line in during[:3]]}")
     assert after, f"no summary within {SUMMARY_WINDOW_S + SUMMARY_SLACK_S} s of the flood"
     assert len(after) <= 12, after[:3]
     held_back = len(run["responses"]) - len(during)
     assert summary_total(after) >= held_back, (f"the summaries account for {summary_total(after)} of the "
                                                f"{held_back} failures not logged one by one: "
-                                               f"{[line.split('openai_wif: ')[-1] for line in after]}")
+                                               f"{[filter_message(line) for line in after]}")
     for token in run["tokens"]:
         for part in token.split(".")[1:]:
             assert part not in run["log"], "a subject token in the log"
