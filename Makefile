@@ -58,7 +58,6 @@ image: build ## Write the OCI image layout for Istio's WasmPlugin to target/oci-
 .PHONY: fuzz
 fuzz: setup ## Fuzz every parser with a million inputs per target (make test runs a short pass)
 	OPENAI_WIF_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz -- --nocapture --test-threads 1
-	OPENAI_WIF_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz_targets -- --nocapture --test-threads 2
 
 .PHONY: bench
 bench: build ## Benchmarks: the filter against the same gateway without it; writes BENCHMARKS.md
