@@ -170,6 +170,8 @@ pub struct Coordinator<H: Host> {
     config: RefCell<Option<Rc<Config>>>,
     /// Gateway identities to keep fresh (platform sources): one per account in use.
     gateways: RefCell<BTreeMap<IdentityKey, Gateway>>,
+    /// The gateway identity of each account the configuration can select, hashed once.
+    gateway_keys: RefCell<BTreeMap<Account, IdentityKey>>,
     /// The gateway's subject, whatever it is exchanged for (platform sources).
     source: RefCell<Option<IdentityKey>>,
     /// Counter ids per caller rule: allowed, refused, exchanges.
@@ -199,6 +201,7 @@ impl<H: Host> Coordinator<H> {
             owner,
             config: RefCell::new(None),
             gateways: RefCell::new(BTreeMap::new()),
+            gateway_keys: RefCell::new(BTreeMap::new()),
             source: RefCell::new(None),
             rule_counters: RefCell::new(BTreeMap::new()),
             table: Cell::new(Table::new(Limits::default().max_identities)),
@@ -248,11 +251,10 @@ impl<H: Host> Coordinator<H> {
         }
     }
 
-    /// Filter state that access logs print as `%FILTER_STATE(wasm.openai_wif.<name>:PLAIN)%`.
-    fn note(&self, name: &str, value: &[u8]) {
-        let _ = self
-            .host
-            .set_property(&[&format!("openai_wif.{name}")], value);
+    /// Filter state that access logs print as `%FILTER_STATE(wasm.<name>:PLAIN)%`; `name` is
+    /// the whole property name (`openai_wif.caller`, …).
+    fn note(&self, name: &'static str, value: &[u8]) {
+        let _ = self.host.set_property(&[name], value);
     }
 
     /// Logs at warning level, at most once per kind per window (see [`crate::logs`]).
@@ -315,7 +317,15 @@ impl<H: Host> Coordinator<H> {
             .map_err(|e| format!("could not create the lease table: {e}"))?;
         let mut gateways = self.gateways.borrow_mut();
         gateways.clear();
+        let mut keys = self.gateway_keys.borrow_mut();
+        keys.clear();
         if config.subject.is_gateway_identity() {
+            let accounts = std::iter::once(&config.account)
+                .chain(config.callers.iter().flatten().map(|r| &r.account));
+            for account in accounts {
+                keys.entry(account.clone())
+                    .or_insert_with(|| IdentityKey::for_gateway(&config, account));
+            }
             *self.source.borrow_mut() = config
                 .subject
                 .platform()
@@ -324,13 +334,12 @@ impl<H: Host> Coordinator<H> {
             // Without caller rules the gateway acts as one account: warm it up now. With rules,
             // each rule's account is added when its first request arrives.
             if config.callers.is_none() {
-                gateways.insert(
-                    IdentityKey::for_gateway(&config, &config.account),
-                    (config.account.clone(), None),
-                );
+                if let Some(key) = keys.get(&config.account) {
+                    gateways.insert(key.clone(), (config.account.clone(), None));
+                }
             }
         }
-        drop(gateways);
+        drop((gateways, keys));
         let from = |var: &str| {
             if config.account_from_env.contains(&var) {
                 var.to_string()

@@ -127,7 +127,7 @@ impl<H: Host> Coordinator<H> {
         }
         .filter(|c| !c.is_empty());
         if let Some(c) = &caller {
-            self.note("caller", c.as_bytes());
+            self.note("openai_wif.caller", c.as_bytes());
         }
         match caller
             .as_deref()
@@ -135,7 +135,7 @@ impl<H: Host> Coordinator<H> {
         {
             Some(rule) => {
                 let name: Rc<str> = Rc::from(rule.name.as_str());
-                self.note("rule", name.as_bytes());
+                self.note("openai_wif.rule", name.as_bytes());
                 self.set_stage(context_id, Stage::Passed, None);
                 if let Some(r) = self.requests.borrow_mut().get_mut(&context_id) {
                     r.rule = Some(name.clone());
@@ -165,7 +165,10 @@ impl<H: Host> Coordinator<H> {
         rule: Option<Rc<str>>,
     ) -> Verdict {
         let now = self.host.now_ms();
-        self.note("service_account_id", account.service_account_id.as_bytes());
+        self.note(
+            "openai_wif.service_account_id",
+            account.service_account_id.as_bytes(),
+        );
         let (identity, subject) = match &config.subject {
             SubjectSource::Header(h) => {
                 let name = &h.header;
@@ -182,7 +185,8 @@ impl<H: Host> Coordinator<H> {
                 }
             }
             _ => {
-                let identity = IdentityKey::for_gateway(config, &account);
+                let known = self.gateway_keys.borrow().get(&account).cloned();
+                let identity = known.unwrap_or_else(|| IdentityKey::for_gateway(config, &account));
                 self.gateways
                     .borrow_mut()
                     .entry(identity.clone())
@@ -190,7 +194,7 @@ impl<H: Host> Coordinator<H> {
                 (identity, None)
             }
         };
-        self.note("identity", identity.short().as_bytes());
+        self.note("openai_wif.identity", identity.short().as_bytes());
         let want = |subject: Option<Subject>| Want {
             identity: identity.clone(),
             subject,
@@ -221,7 +225,10 @@ impl<H: Host> Coordinator<H> {
                 }
                 self.count(Counter::CacheHit);
                 self.count_rule(rule.as_ref(), 0);
-                self.note("cache", if refresh { b"refresh" } else { b"hit" });
+                self.note(
+                    "openai_wif.cache",
+                    if refresh { b"refresh" } else { b"hit" },
+                );
                 self.set_stage(
                     context_id,
                     Stage::Released,
@@ -245,7 +252,7 @@ impl<H: Host> Coordinator<H> {
                     }
                 }
                 self.count(Counter::CacheMiss);
-                self.note("cache", if joining { b"wait" } else { b"miss" });
+                self.note("openai_wif.cache", if joining { b"wait" } else { b"miss" });
                 let waiter = Waiter {
                     context_id,
                     since_ms: now,
