@@ -18,10 +18,13 @@
 //! The same module stores the gateway's subject token for platform sources ([`SubjectRecord`]),
 //! under one key per configured gateway identity.
 
+use std::rc::Rc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::identity::IdentityKey;
 use crate::lifetime;
+use crate::memo::Generations;
 use crate::reply::Failure;
 use crate::secret::Secret;
 use crate::shared::{self, SharedStore, StoreError, CAS_ATTEMPTS, KEY_PREFIX};
@@ -36,7 +39,7 @@ const LIVE_TOKEN: u8 = 2;
 pub struct CachedToken {
     pub access_token: Secret,
     /// The token's [`Secret::fingerprint`], kept so a hit never hashes the token again.
-    pub fingerprint: String,
+    pub fingerprint: Rc<str>,
     pub refresh_at_ms: u64,
     pub expires_at_ms: u64,
 }
@@ -171,7 +174,7 @@ impl Record {
     /// token everyone uses: within the interval, OpenAI's 401 goes back to the caller as is.
     pub fn invalidated(&self, fingerprint: &str, now_ms: u64, interval_ms: u64) -> Option<Record> {
         let t = self.token.as_ref()?;
-        if t.fingerprint != fingerprint {
+        if *t.fingerprint != *fingerprint {
             return None;
         }
         if self
@@ -224,6 +227,66 @@ pub struct Table {
     slots: u32,
 }
 
+/// A slot's record as the warm path uses it: decoded once per value the slot takes, with the
+/// `Authorization` value of its token ready to set.
+#[derive(Debug)]
+pub struct Decoded {
+    pub record: Record,
+    pub bearer: Option<Vec<u8>>,
+}
+
+impl Decoded {
+    pub fn new(record: Record) -> Self {
+        let bearer = record
+            .token
+            .as_ref()
+            .map(|t| crate::host::bearer(&t.access_token));
+        Decoded { record, bearer }
+    }
+}
+
+/// Per VM: each slot's last bytes and what they decoded to.
+pub type RecordMemo = Generations<u32, (Vec<u8>, Rc<Decoded>)>;
+
+/// Slots remembered per VM, and their bytes (each slot counted at twice its size).
+pub const RECORD_MEMO_ENTRIES: usize = 2048;
+pub const RECORD_MEMO_BYTES: usize = 1 << 20;
+
+/// A slot's shared-data key, formatted without allocating.
+struct SlotKey {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl SlotKey {
+    fn new(slot: u32) -> Self {
+        let mut buf = [0u8; 40];
+        let prefix = KEY_PREFIX.as_bytes();
+        let mut len = prefix.len() + 5;
+        buf[..prefix.len()].copy_from_slice(prefix);
+        buf[prefix.len()..len].copy_from_slice(b"slot.");
+        let mut digits = [0u8; 10];
+        let mut n = slot;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let d = &digits[i..];
+        buf[len..len + d.len()].copy_from_slice(d);
+        len += d.len();
+        SlotKey { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
 /// A record as found in its slot, with the slot's CAS number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
@@ -259,6 +322,31 @@ impl Table {
         self.candidates(identity).find_map(|slot| {
             let (record, cas) = shared::read::<Record>(store, &Self::slot_key(slot)).ok()??;
             (record.identity == identity.as_str()).then_some(Found { slot, record, cas })
+        })
+    }
+
+    /// [`Table::find`] for the warm path: a slot whose bytes are the ones `memo` decoded last
+    /// time is not decoded again (the bytes are compared whole, so the memo can never answer
+    /// with another record than the slot holds now).
+    pub fn find_memo(
+        &self,
+        store: &dyn SharedStore,
+        identity: &IdentityKey,
+        memo: &mut RecordMemo,
+    ) -> Option<Rc<Decoded>> {
+        self.candidates(identity).find_map(|slot| {
+            let (bytes, _cas) = store.get(SlotKey::new(slot).as_str()).ok()??;
+            let decoded = match memo.get(&slot) {
+                Some((seen, decoded)) if *seen == bytes => decoded.clone(),
+                _ => {
+                    let record: Record = serde_json::from_slice(&bytes).ok()?;
+                    let decoded = Rc::new(Decoded::new(record));
+                    let cost = 2 * bytes.len() + 64;
+                    memo.insert(slot, (bytes, decoded.clone()), cost);
+                    decoded
+                }
+            };
+            (decoded.record.identity == identity.as_str()).then_some(decoded)
         })
     }
 
@@ -422,6 +510,13 @@ mod tests {
 
     fn id(n: u64) -> IdentityKey {
         IdentityKey::from_raw(&format!("{n:016x}{}", "0".repeat(48)))
+    }
+
+    #[test]
+    fn slot_keys_are_formatted_alike_with_and_without_allocating() {
+        for slot in [0, 7, 10, 9_999, 123_456, u32::MAX] {
+            assert_eq!(SlotKey::new(slot).as_str(), Table::slot_key(slot));
+        }
     }
 
     #[test]

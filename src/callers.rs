@@ -11,7 +11,8 @@ use crate::config::{invalid, Account, ConfigError};
 /// One rule: these principals act as this OpenAI service account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
-    pub name: String,
+    /// Shared with the requests and counters that name the rule.
+    pub name: std::rc::Rc<str>,
     pub principals: Vec<Principal>,
     pub account: Account,
 }
@@ -91,7 +92,7 @@ pub fn rules(raw: Vec<RawRule>, default_provider: &str) -> Result<Vec<Rule>, Con
                 format!("must be 1 to 64 of a-z, 0-9, '_' and '-', not {:?}", r.name),
             ));
         }
-        if out.iter().any(|o| o.name == r.name) {
+        if out.iter().any(|o| *o.name == *r.name) {
             return Err(invalid(
                 &field("name"),
                 format!("{:?} names an earlier rule too", r.name),
@@ -125,7 +126,7 @@ pub fn rules(raw: Vec<RawRule>, default_provider: &str) -> Result<Vec<Rule>, Con
             )?,
         };
         out.push(Rule {
-            name: r.name,
+            name: std::rc::Rc::from(r.name),
             principals,
             account,
         });
@@ -203,7 +204,7 @@ mod tests {
         .unwrap();
         let hit = first_match(&rules, "spiffe://td/ns/ai/sa/inference").unwrap();
         assert_eq!(
-            (hit.name.as_str(), hit.account.service_account_id.as_str()),
+            (&*hit.name, hit.account.service_account_id.as_str()),
             ("inference", "sa_i")
         );
         assert_eq!(
@@ -212,10 +213,7 @@ mod tests {
         );
         let other = first_match(&rules, "spiffe://td/ns/ai/sa/other").unwrap();
         assert_eq!(
-            (
-                other.name.as_str(),
-                other.account.identity_provider_id.as_str()
-            ),
+            (&*other.name, other.account.identity_provider_id.as_str()),
             ("ai", "wip_2")
         );
         assert!(first_match(&rules, "spiffe://td/ns/batch/sa/x").is_none());

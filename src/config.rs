@@ -90,11 +90,12 @@ pub enum Handling {
 
 impl Config {
     /// Whether a request with this `:authority` (raw bytes; `None` when absent) gets a token.
-    pub fn handling(&self, authority: Option<&[u8]>) -> Handling {
+    /// `authority` reads the request's `:authority`; only host scopes need it.
+    pub fn handling(&self, authority: impl FnOnce() -> Option<Vec<u8>>) -> Handling {
         let Scope::Hosts(hosts) = &self.scope else {
             return Handling::Authorise;
         };
-        match crate::authority::host(authority.unwrap_or_default()) {
+        match crate::authority::host(authority().as_deref().unwrap_or_default()) {
             Ok(host) if hosts.contains(&host) => Handling::Authorise,
             Ok(_) => Handling::PassThrough,
             Err(e) => Handling::Refuse(e),
@@ -639,7 +640,7 @@ mod tests {
     #[test]
     fn host_matching_ignores_port_and_case_and_refuses_what_does_not_parse() {
         let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["api.openai.com","localhost","gateway.internal."]}"#).unwrap();
-        let handling = |a: &str| c.handling(Some(a.as_bytes()));
+        let handling = |a: &str| c.handling(|| Some(a.as_bytes().to_vec()));
         for yes in [
             "api.openai.com",
             "API.OpenAI.com",
@@ -673,14 +674,17 @@ mod tests {
                 "{refused}"
             );
         }
-        assert!(matches!(c.handling(None), Handling::Refuse(_)));
+        assert!(matches!(c.handling(|| None), Handling::Refuse(_)));
         assert!(matches!(
-            c.handling(Some(b"api.openai.com\xff")),
+            c.handling(|| Some(b"api.openai.com\xff".to_vec())),
             Handling::Refuse(_)
         ));
         let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"hosts":["[::1]"]}"#).unwrap();
-        assert_eq!(c.handling(Some(b"[::1]:8080")), Handling::Authorise);
-        assert_eq!(c.handling(Some(b"[::1]")), Handling::Authorise);
+        assert_eq!(
+            c.handling(|| Some(b"[::1]:8080".to_vec())),
+            Handling::Authorise
+        );
+        assert_eq!(c.handling(|| Some(b"[::1]".to_vec())), Handling::Authorise);
     }
 
     #[test]
@@ -688,7 +692,7 @@ mod tests {
         let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"scope":"all"}"#).unwrap();
         assert_eq!(c.scope, Scope::All);
         for a in [None, Some(&b"api.openai.com:443:443"[..]), Some(b"\xff")] {
-            assert_eq!(c.handling(a), Handling::Authorise);
+            assert_eq!(c.handling(|| a.map(<[u8]>::to_vec)), Handling::Authorise);
         }
     }
 

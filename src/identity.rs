@@ -5,14 +5,17 @@
 //! copies another workload's `sub` must land on a key of its own. Gateway identities are keyed
 //! by the source's configuration, since the subject token changes with every rotation.
 
+use std::rc::Rc;
+
 use sha2::{Digest, Sha256};
 
 use crate::config::{Account, Config, SubjectSource};
 use crate::secret::{hex, Secret};
 
-/// Hex SHA-256 naming one identity's cache entry and lease.
+/// Hex SHA-256 naming one identity's cache entry and lease. Shared, not copied: requests,
+/// waiters and the per-VM memos hold the same key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IdentityKey(String);
+pub struct IdentityKey(Rc<str>);
 
 impl IdentityKey {
     /// Key for a subject token sent by a workload, exchanged for `account`.
@@ -59,7 +62,7 @@ impl IdentityKey {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part.as_bytes());
         }
-        IdentityKey(hex(&h.finalize()))
+        IdentityKey(Rc::from(hex(&h.finalize())))
     }
 
     pub fn as_str(&self) -> &str {
@@ -79,7 +82,7 @@ impl IdentityKey {
 
     #[cfg(test)]
     pub fn from_raw(s: &str) -> Self {
-        IdentityKey(s.to_string())
+        IdentityKey(Rc::from(s))
     }
 }
 

@@ -26,6 +26,7 @@ pub mod jwt;
 pub mod lease;
 pub mod lifetime;
 pub mod logs;
+pub mod memo;
 pub mod metrics;
 pub mod reply;
 pub mod secret;

@@ -5,19 +5,20 @@
 //! token is written to a header or a request body.
 
 use std::fmt;
+use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Serialized as the bare string, for shared data only: shared data is memory inside Envoy,
-/// never a log or a response.
+/// never a log or a response. Cloning shares the text rather than copying it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(Rc<str>);
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
+        Secret(Rc::from(value.into()))
     }
 
     /// The token itself. Call only to put it on the wire.
@@ -27,9 +28,9 @@ impl Secret {
 
     /// A short, non-reversible name for this secret: the first 12 hex digits of its SHA-256.
     /// Used to tell two tokens apart (cache invalidation) without keeping or printing them.
-    pub fn fingerprint(&self) -> String {
+    pub fn fingerprint(&self) -> Rc<str> {
         let digest = Sha256::digest(self.0.as_bytes());
-        hex(&digest[..6])
+        Rc::from(hex(&digest[..6]))
     }
 }
 

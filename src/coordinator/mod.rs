@@ -45,7 +45,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::admission::{self, Admit};
-use crate::cache::{self, lookup, CachedToken, Lookup, Record, SubjectRecord, Table};
+use crate::cache::{self, lookup, CachedToken, Lookup, Record, RecordMemo, SubjectRecord, Table};
 use crate::callers::{self, CallerSource};
 use crate::config::{
     Account, Config, Handling, Limits, SubjectSource, PROVIDER_ENV, SERVICE_ACCOUNT_ENV,
@@ -56,6 +56,7 @@ use crate::identity::IdentityKey;
 use crate::lease::{self, Acquire};
 use crate::lifetime;
 use crate::logs::{Logs, WINDOW_MS};
+use crate::memo::Generations;
 use crate::metrics::{Counter, Metrics};
 use crate::reply::{Code, Failure, LocalReply};
 use crate::secret::{self, Secret};
@@ -88,6 +89,23 @@ pub struct Subject {
     pub token: Secret,
     pub exp_s: Option<u64>,
 }
+
+/// What this VM found a subject token (by its bytes) to be.
+enum Seen {
+    /// Accepted, with its identity per account it was used with (by the account's number).
+    Accepted {
+        subject: Subject,
+        identities: Vec<(usize, IdentityKey)>,
+    },
+    /// Refused: the same bytes get the same answer until `until_ms`.
+    Refused { failure: Failure, until_ms: u64 },
+}
+
+/// Subject tokens remembered per VM (each generation), and their bytes.
+const SUBJECT_MEMO_ENTRIES: usize = 1024;
+const SUBJECT_MEMO_BYTES: usize = 1 << 20;
+/// How long a refused subject token is answered from the memo.
+const REFUSAL_MEMO_MS: u64 = 10_000;
 
 /// A paused request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +151,7 @@ enum Stage {
 struct Request {
     stage: Stage,
     /// The identity and token fingerprint it was sent with, to invalidate on a 401.
-    injected: Option<(IdentityKey, String)>,
+    injected: Option<(IdentityKey, Rc<str>)>,
     /// The caller rule it matched.
     rule: Option<Rc<str>>,
 }
@@ -183,6 +201,10 @@ pub struct Coordinator<H: Host> {
     logs: RefCell<Logs>,
     debug_logs: RefCell<Logs>,
     requests: RefCell<BTreeMap<u32, Request>>,
+    /// Subject tokens this VM has seen, by their bytes (header source).
+    subjects: RefCell<Generations<Box<[u8]>, Seen>>,
+    /// Cache slots this VM has decoded, by their bytes.
+    records: RefCell<RecordMemo>,
     waiting: RefCell<BTreeMap<IdentityKey, Waiters>>,
     /// Fetches requests asked for since the last wake-up.
     asked: RefCell<Vec<Want>>,
@@ -210,6 +232,11 @@ impl<H: Host> Coordinator<H> {
             logs: RefCell::new(Logs::default()),
             debug_logs: RefCell::new(Logs::default()),
             requests: RefCell::new(BTreeMap::new()),
+            subjects: RefCell::new(Generations::new(SUBJECT_MEMO_ENTRIES, SUBJECT_MEMO_BYTES)),
+            records: RefCell::new(Generations::new(
+                cache::RECORD_MEMO_ENTRIES,
+                cache::RECORD_MEMO_BYTES,
+            )),
             waiting: RefCell::new(BTreeMap::new()),
             asked: RefCell::new(Vec::new()),
             fetches: RefCell::new(BTreeMap::new()),
@@ -305,7 +332,7 @@ impl<H: Host> Coordinator<H> {
                     self.host
                         .define_counter(&format!("openai_wif.rule.{}.{what}", rule.name))
                 });
-                rule_counters.insert(Rc::from(rule.name.as_str()), ids);
+                rule_counters.insert(rule.name.clone(), ids);
             }
             // Sweeps start at a random slot so the VMs share the work.
             let slots = u64::from(config.limits.max_identities);
@@ -313,6 +340,9 @@ impl<H: Host> Coordinator<H> {
                 .set(u32::try_from(self.host.random_u64() % slots).unwrap_or(0));
         }
         self.table.set(Table::new(config.limits.max_identities));
+        // What the memos remember was derived under the previous configuration.
+        self.subjects.borrow_mut().clear();
+        self.records.borrow_mut().clear();
         lease::ensure_table(&self.host)
             .map_err(|e| format!("could not create the lease table: {e}"))?;
         let mut gateways = self.gateways.borrow_mut();

@@ -15,7 +15,7 @@ impl<H: Host> Coordinator<H> {
         &self,
         context_id: u32,
         stage: Stage,
-        injected: Option<(IdentityKey, String)>,
+        injected: Option<(IdentityKey, Rc<str>)>,
     ) {
         let mut requests = self.requests.borrow_mut();
         let request = requests.entry(context_id).or_insert(Request {
@@ -35,7 +35,7 @@ impl<H: Host> Coordinator<H> {
         &self,
         context_id: u32,
         stage: Stage,
-        injected: Option<(IdentityKey, String)>,
+        injected: Option<(IdentityKey, Rc<str>)>,
     ) {
         if let Some(request) = self.requests.borrow_mut().get_mut(&context_id) {
             request.stage = stage;
@@ -54,7 +54,7 @@ impl<H: Host> Coordinator<H> {
                 None,
             );
         };
-        let verdict = match config.handling(self.host.request_header(":authority").as_deref()) {
+        let verdict = match config.handling(|| self.host.request_header(":authority")) {
             Handling::Authorise => {
                 let cluster = config
                     .upstream_clusters
@@ -75,7 +75,9 @@ impl<H: Host> Coordinator<H> {
                     return self.deny(context_id, &failure, None);
                 }
                 match self.caller(context_id, &config) {
-                    Ok((account, rule)) => self.authorise(context_id, &config, account, rule),
+                    Ok((index, account, rule)) => {
+                        self.authorise(context_id, &config, index, account, rule)
+                    }
                     Err(verdict) => return verdict,
                 }
             }
@@ -106,14 +108,15 @@ impl<H: Host> Coordinator<H> {
         verdict
     }
 
-    /// Which account the caller may use, by the caller rules; `Err` is the refusal.
-    pub(super) fn caller(
+    /// Which account the caller may use, by the caller rules; `Err` is the refusal. The number
+    /// names the account within the configuration (0 without rules, the rule's place + 1).
+    pub(super) fn caller<'c>(
         &self,
         context_id: u32,
-        config: &Config,
-    ) -> Result<(Account, Option<Rc<str>>), Verdict> {
+        config: &'c Config,
+    ) -> Result<(usize, &'c Account, Option<Rc<str>>), Verdict> {
         let Some(rules) = &config.callers else {
-            return Ok((config.account.clone(), None));
+            return Ok((0, &config.account, None));
         };
         let caller = match config.caller_source {
             CallerSource::PeerCertificate => self
@@ -129,18 +132,23 @@ impl<H: Host> Coordinator<H> {
         if let Some(c) = &caller {
             self.note("openai_wif.caller", c.as_bytes());
         }
-        match caller
-            .as_deref()
-            .and_then(|c| callers::first_match(rules, c))
-        {
-            Some(rule) => {
-                let name: Rc<str> = Rc::from(rule.name.as_str());
-                self.note("openai_wif.rule", name.as_bytes());
-                self.set_stage(context_id, Stage::Passed, None);
-                if let Some(r) = self.requests.borrow_mut().get_mut(&context_id) {
-                    r.rule = Some(name.clone());
-                }
-                Ok((rule.account.clone(), Some(name)))
+        let matched = caller.as_deref().and_then(|c| {
+            rules
+                .iter()
+                .position(|r| r.principals.iter().any(|p| p.matches(c)))
+        });
+        match matched.and_then(|i| Some((i, rules.get(i)?))) {
+            Some((i, rule)) => {
+                self.note("openai_wif.rule", rule.name.as_bytes());
+                self.requests.borrow_mut().insert(
+                    context_id,
+                    Request {
+                        stage: Stage::Passed,
+                        injected: None,
+                        rule: Some(rule.name.clone()),
+                    },
+                );
+                Ok((i + 1, &rule.account, Some(rule.name.clone())))
             }
             None => {
                 self.count(Counter::CallersRefused);
@@ -157,11 +165,81 @@ impl<H: Host> Coordinator<H> {
         }
     }
 
+    /// The identity of a request's own subject token, and the subject, or why it is refused.
+    /// A token this VM has seen is looked up by its bytes: it was checked then, and only its
+    /// expiry can have changed.
+    fn header_identity(
+        &self,
+        config: &Config,
+        source: &header::Config,
+        account_index: usize,
+        account: &Account,
+        now: u64,
+    ) -> Result<(IdentityKey, Subject), Failure> {
+        let name = &source.header;
+        let Some(value) = self.host.request_header(name) else {
+            return Err(header::missing(name));
+        };
+        let mut memo = self.subjects.borrow_mut();
+        match memo.get(value.as_slice()) {
+            Some(Seen::Accepted {
+                subject,
+                identities,
+            }) => {
+                if subject.exp_s.is_some_and(|exp| exp <= now / 1000) {
+                    return Err(header::expired(name));
+                }
+                let identity = match identities.iter().find(|(i, _)| *i == account_index) {
+                    Some((_, identity)) => identity.clone(),
+                    None => {
+                        let identity = IdentityKey::for_subject(config, account, &subject.token);
+                        identities.push((account_index, identity.clone()));
+                        identity
+                    }
+                };
+                return Ok((identity, subject.clone()));
+            }
+            Some(Seen::Refused { failure, until_ms }) if now < *until_ms => {
+                return Err(failure.clone());
+            }
+            _ => {}
+        }
+        let cost = 2 * value.len() + 160;
+        match header::accept(Some(&value), name, now / 1000) {
+            Ok((token, claims)) => {
+                let subject = Subject {
+                    token,
+                    exp_s: claims.exp,
+                };
+                let identity = IdentityKey::for_subject(config, account, &subject.token);
+                let seen = Seen::Accepted {
+                    subject: subject.clone(),
+                    identities: vec![(account_index, identity.clone())],
+                };
+                memo.insert(value.into_boxed_slice(), seen, cost);
+                Ok((identity, subject))
+            }
+            Err(failure) => {
+                // An expired token is refused by its `exp` (nothing to remember); anything
+                // else about the bytes will not change.
+                if failure.code != Code::SubjectTokenExpired {
+                    let seen = Seen::Refused {
+                        failure: failure.clone(),
+                        until_ms: now + REFUSAL_MEMO_MS,
+                    };
+                    memo.insert(value.into_boxed_slice(), seen, cost);
+                }
+                Err(failure)
+            }
+        }
+    }
+
     pub(super) fn authorise(
         &self,
         context_id: u32,
         config: &Config,
-        account: Account,
+        account_index: usize,
+        account: &Account,
         rule: Option<Rc<str>>,
     ) -> Verdict {
         let now = self.host.now_ms();
@@ -171,26 +249,18 @@ impl<H: Host> Coordinator<H> {
         );
         let (identity, subject) = match &config.subject {
             SubjectSource::Header(h) => {
-                let name = &h.header;
-                let value = self.host.request_header(name);
-                match header::accept(value.as_deref(), name, now / 1000) {
-                    Ok((token, claims)) => (
-                        IdentityKey::for_subject(config, &account, &token),
-                        Some(Subject {
-                            token,
-                            exp_s: claims.exp,
-                        }),
-                    ),
+                match self.header_identity(config, h, account_index, account, now) {
+                    Ok((identity, subject)) => (identity, Some(subject)),
                     Err(f) => return self.deny(context_id, &f, None),
                 }
             }
             _ => {
-                let known = self.gateway_keys.borrow().get(&account).cloned();
-                let identity = known.unwrap_or_else(|| IdentityKey::for_gateway(config, &account));
-                self.gateways
-                    .borrow_mut()
-                    .entry(identity.clone())
-                    .or_insert_with(|| (account.clone(), rule.clone()));
+                let known = self.gateway_keys.borrow().get(account).cloned();
+                let identity = known.unwrap_or_else(|| IdentityKey::for_gateway(config, account));
+                let mut gateways = self.gateways.borrow_mut();
+                if !gateways.contains_key(&identity) {
+                    gateways.insert(identity.clone(), (account.clone(), rule.clone()));
+                }
                 (identity, None)
             }
         };
@@ -209,14 +279,22 @@ impl<H: Host> Coordinator<H> {
                 None,
             );
         }
-        let found = self.table().find(&self.host, &identity);
+        let found = {
+            let mut memo = self.records.borrow_mut();
+            self.table().find_memo(&self.host, &identity, &mut memo)
+        };
         let state = lookup(found.as_ref().map(|f| &f.record), now);
         let refresh = state.wants_fetch();
         match state {
             Lookup::Fresh(token)
             | Lookup::RefreshDue(token)
             | Lookup::ServingWhileBackingOff(token) => {
-                if self.host.inject(&token.access_token).is_err() {
+                let bearer = found.as_ref().and_then(|f| f.bearer.as_deref());
+                let injected = match bearer {
+                    Some(value) => self.host.set_request_header("authorization", value),
+                    None => self.host.inject(&token.access_token),
+                };
+                if injected.is_err() {
                     return self.deny(
                         context_id,
                         &internal("could not set the authorization header"),

@@ -719,3 +719,140 @@ fn the_x509_identity_exchanges_without_a_subject_and_fetches_nothing() {
     assert!(String::from_utf8_lossy(&reply.body)
         .contains("invalid_subject_token: certificate has expired"));
 }
+
+// The per-VM memos: each only shortcuts what shared data says, and each forgets what changed.
+
+#[test]
+fn a_token_another_worker_rewrote_is_served_in_its_new_form() {
+    let world = World::new(T0);
+    let (a, b) = (
+        Worker::new(&world, HEADER_CONFIG),
+        Worker::new(&world, HEADER_CONFIG),
+    );
+    let token = subject("app", 3600);
+    a.request(1, Some(&token));
+    a.wake();
+    a.issue(&a.exchanges()[0], "at-1", 100);
+    // b decodes the slot once and remembers it.
+    assert_eq!(b.request(2, Some(&token)), Verdict::Continue);
+    assert_eq!(b.host().authorization(2).as_deref(), Some("Bearer at-1"));
+    // a refreshes: the slot's bytes change under b's memo.
+    world.advance(Duration::from_secs(85));
+    assert_eq!(a.request(3, Some(&token)), Verdict::Continue);
+    a.wake();
+    a.issue(&a.exchanges()[1], "at-2", 3600);
+    assert_eq!(b.request(4, Some(&token)), Verdict::Continue);
+    assert_eq!(b.host().authorization(4).as_deref(), Some("Bearer at-2"));
+    // And a 401 on a drops the token for b too.
+    a.request(5, Some(&token));
+    a.host().enter(5);
+    a.host().set_response_status(5, "401");
+    a.c.response_headers(5);
+    assert_eq!(b.request(6, Some(&token)), Verdict::Pause);
+    assert_eq!(b.host().authorization(6), None);
+}
+
+#[test]
+fn a_slot_taken_by_another_identity_never_serves_the_old_one() {
+    let world = World::new(T0);
+    let config = HEADER_CONFIG.replace(
+        r#""token_endpoint""#,
+        r#""limits":{"max_identities":1},"token_endpoint""#,
+    );
+    let (a, b) = (Worker::new(&world, &config), Worker::new(&world, &config));
+    let (one, two) = (subject("one", 3600), subject("two", 3600));
+    a.request(1, Some(&one));
+    a.wake();
+    a.issue(&a.exchanges()[0], "at-one", 3600);
+    assert_eq!(b.request(2, Some(&one)), Verdict::Continue);
+    assert_eq!(b.host().authorization(2).as_deref(), Some("Bearer at-one"));
+    // One slot: the second identity's token replaces the first.
+    world.advance(Duration::from_secs(1));
+    a.request(3, Some(&two));
+    a.wake();
+    a.issue(&a.exchanges()[1], "at-two", 3600);
+    assert_eq!(b.request(4, Some(&two)), Verdict::Continue);
+    assert_eq!(b.host().authorization(4).as_deref(), Some("Bearer at-two"));
+    assert_eq!(b.request(5, Some(&one)), Verdict::Pause, "evicted: a miss");
+    assert_eq!(b.host().authorization(5), None);
+}
+
+#[test]
+fn a_remembered_subject_still_expires_and_a_rotated_one_is_a_new_identity() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    let token = subject("app", 60);
+    w.request(1, Some(&token));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-1", 3600);
+    assert_eq!(w.request(2, Some(&token)), Verdict::Continue);
+    world.advance(Duration::from_secs(60));
+    assert_eq!(w.request(3, Some(&token)), Verdict::Pause);
+    assert_eq!(w.error_code(3).as_deref(), Some("subject_token_expired"));
+    // The workload's rotated token (same sub, new bytes) is its own identity.
+    let rotated = subject("app", 3600);
+    assert_ne!(rotated, token);
+    assert_eq!(w.request(4, Some(&rotated)), Verdict::Pause);
+    w.wake();
+    assert_eq!(w.exchanges().len(), 2);
+    w.issue(&w.exchanges()[1], "at-2", 3600);
+    assert_eq!(w.host().authorization(4).as_deref(), Some("Bearer at-2"));
+}
+
+#[test]
+fn a_refused_subject_is_refused_again_and_a_new_configuration_forgets_every_memo() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, HEADER_CONFIG);
+    for id in 1..4 {
+        assert_eq!(w.request(id, Some("not-a-jwt")), Verdict::Pause);
+        assert_eq!(w.error_code(id).as_deref(), Some("invalid_subject_token"));
+    }
+    let token = subject("app", 3600);
+    w.request(4, Some(&token));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-1", 3600);
+    assert_eq!(w.request(5, Some(&token)), Verdict::Continue);
+    // Another service account: the same subject is another identity, exchanged again.
+    w.c.configure(HEADER_CONFIG.replace("sa_1", "sa_2").as_bytes())
+        .unwrap();
+    assert_eq!(w.request(6, Some(&token)), Verdict::Pause);
+    w.wake();
+    let calls = w.exchanges();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(service_account(&calls[1]), "sa_2");
+}
+
+#[test]
+fn one_subject_token_sent_under_two_caller_rules_is_two_identities() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, &with_callers(HEADER_CONFIG));
+    let token = subject("shared", 3600);
+    let inference = Some("spiffe://cluster.local/ns/ai/sa/inference");
+    let batch = Some("spiffe://cluster.local/ns/batch/sa/job");
+    assert_eq!(w.request_from(1, inference, Some(&token)), Verdict::Pause);
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-inference", 3600);
+    assert_eq!(
+        w.request_from(2, inference, Some(&token)),
+        Verdict::Continue
+    );
+    // The memo knows the token, but not yet for this rule's service account.
+    assert_eq!(w.request_from(3, batch, Some(&token)), Verdict::Pause);
+    w.wake();
+    let calls = w.exchanges();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(service_account(&calls[1]), "sa_batch");
+    w.issue(&calls[1], "at-batch", 3600);
+    assert_eq!(
+        w.host().authorization(3).as_deref(),
+        Some("Bearer at-batch")
+    );
+    assert_eq!(
+        w.request_from(4, inference, Some(&token)),
+        Verdict::Continue
+    );
+    assert_eq!(
+        w.host().authorization(4).as_deref(),
+        Some("Bearer at-inference")
+    );
+}

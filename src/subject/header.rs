@@ -45,10 +45,7 @@ pub const fn default_header() -> &'static str {
 /// not expired at `now_s`. Every refusal is a 401 that says what was wrong.
 pub fn accept(value: Option<&[u8]>, header: &str, now_s: u64) -> Result<(Secret, Claims), Failure> {
     let Some(value) = value else {
-        return Err(Failure::new(
-            Code::MissingSubjectToken,
-            format!("the request has no subject token: send the workload's identity token in the {header} header"),
-        ));
+        return Err(missing(header));
     };
     // A JWT is ASCII; bytes that are not UTF-8 make it no JWT, not a reason to stop.
     let Ok(value) = std::str::from_utf8(value) else {
@@ -69,12 +66,25 @@ pub fn accept(value: Option<&[u8]>, header: &str, now_s: u64) -> Result<(Secret,
         ),
     })?;
     if claims.exp.is_some_and(|exp| exp <= now_s) {
-        return Err(Failure::new(
-            Code::SubjectTokenExpired,
-            format!("the subject token in {header} has expired"),
-        ));
+        return Err(expired(header));
     }
     Ok((Secret::new(value), claims))
+}
+
+/// The refusal of a request without the header.
+pub fn missing(header: &str) -> Failure {
+    Failure::new(
+        Code::MissingSubjectToken,
+        format!("the request has no subject token: send the workload's identity token in the {header} header"),
+    )
+}
+
+/// The refusal of a token whose `exp` has passed.
+pub fn expired(header: &str) -> Failure {
+    Failure::new(
+        Code::SubjectTokenExpired,
+        format!("the subject token in {header} has expired"),
+    )
 }
 
 #[cfg(test)]
