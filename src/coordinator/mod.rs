@@ -201,6 +201,8 @@ pub struct Coordinator<H: Host> {
     logs: RefCell<Logs>,
     debug_logs: RefCell<Logs>,
     requests: RefCell<BTreeMap<u32, Request>>,
+    /// Warm-path counts not yet handed to Envoy: (metric id, count).
+    pending_counts: RefCell<Vec<(u32, u64)>>,
     /// Subject tokens this VM has seen, by their bytes (header source).
     subjects: RefCell<Generations<Box<[u8]>, Seen>>,
     /// Cache slots this VM has decoded, by their bytes.
@@ -232,6 +234,7 @@ impl<H: Host> Coordinator<H> {
             logs: RefCell::new(Logs::default()),
             debug_logs: RefCell::new(Logs::default()),
             requests: RefCell::new(BTreeMap::new()),
+            pending_counts: RefCell::new(Vec::new()),
             subjects: RefCell::new(Generations::new(SUBJECT_MEMO_ENTRIES, SUBJECT_MEMO_BYTES)),
             records: RefCell::new(Generations::new(
                 cache::RECORD_MEMO_ENTRIES,
@@ -261,11 +264,12 @@ impl<H: Host> Coordinator<H> {
     fn count(&self, counter: Counter) {
         let id = self.metrics.borrow().id(counter);
         if let Some(id) = id {
-            self.host.increment(id);
+            self.host.increment(id, 1);
         }
     }
 
-    /// Counts for a caller rule: 0 allowed, 1 refused, 2 exchanges.
+    /// Counts for a caller rule: 0 allowed, 1 refused, 2 exchanges. Allowed requests are
+    /// counted on the next tick, like cache hits.
     fn count_rule(&self, rule: Option<&Rc<str>>, which: usize) {
         let id = rule.and_then(|r| {
             self.rule_counters
@@ -273,8 +277,27 @@ impl<H: Host> Coordinator<H> {
                 .get(r)
                 .and_then(|ids| ids[which])
         });
-        if let Some(id) = id {
-            self.host.increment(id);
+        match id {
+            Some(id) if which == 0 => self.count_later(id),
+            Some(id) => self.host.increment(id, 1),
+            None => {}
+        }
+    }
+
+    /// Counts on the warm path are added up per VM and handed to Envoy on each tick (at most
+    /// [`SLOW_TICK`] late): one host call per counter per tick instead of one per request.
+    fn count_later(&self, id: u32) {
+        let mut pending = self.pending_counts.borrow_mut();
+        match pending.iter_mut().find(|(i, _)| *i == id) {
+            Some((_, n)) => *n += 1,
+            None => pending.push((id, 1)),
+        }
+    }
+
+    fn flush_counts(&self) {
+        let pending = std::mem::take(&mut *self.pending_counts.borrow_mut());
+        for (id, n) in pending {
+            self.host.increment(id, n);
         }
     }
 

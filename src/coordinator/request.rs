@@ -301,7 +301,9 @@ impl<H: Host> Coordinator<H> {
                         None,
                     );
                 }
-                self.count(Counter::CacheHit);
+                if let Some(id) = self.metrics.borrow().id(Counter::CacheHit) {
+                    self.count_later(id);
+                }
                 self.count_rule(rule.as_ref(), 0);
                 self.note(
                     "openai_wif.cache",

@@ -856,3 +856,40 @@ fn one_subject_token_sent_under_two_caller_rules_is_two_identities() {
         Some("Bearer at-inference")
     );
 }
+
+#[test]
+fn warm_path_counts_reach_envoy_on_the_next_tick() {
+    let world = World::new(T0);
+    let w = Worker::new(&world, &with_callers(HEADER_CONFIG));
+    let token = subject("app", 3600);
+    let inference = Some("spiffe://cluster.local/ns/ai/sa/inference");
+    w.request_from(1, inference, Some(&token));
+    w.wake();
+    w.issue(&w.exchanges()[0], "at-1", 3600);
+    w.tick();
+    let allowed_before = w.host().counter("rule.inference.allowed");
+    for id in 2..5 {
+        assert_eq!(
+            w.request_from(id, inference, Some(&token)),
+            Verdict::Continue
+        );
+    }
+    assert_eq!(
+        w.host().counter("cache_hit"),
+        0,
+        "added up, not yet handed over"
+    );
+    w.tick();
+    assert_eq!(w.host().counter("cache_hit"), 3);
+    assert_eq!(
+        w.host().counter("rule.inference.allowed"),
+        allowed_before + 3
+    );
+    w.request_from(5, inference, Some(&token));
+    w.c.done();
+    assert_eq!(
+        w.host().counter("cache_hit"),
+        4,
+        "a VM that ends hands over what it holds"
+    );
+}

@@ -8,6 +8,7 @@ impl<H: Host> Coordinator<H> {
     /// fresh, sweeps, and flushes the log summary.
     pub fn tick(&self) {
         let now = self.host.now_ms();
+        self.flush_counts();
         self.flush_logs(now);
         self.sweep(now);
         self.poll_waiters();
@@ -127,6 +128,7 @@ impl<H: Host> Coordinator<H> {
     /// The VM is going away and its callouts with it: give their leases back so another
     /// worker fetches now rather than after the deadline.
     pub fn done(&self) {
+        self.flush_counts();
         let fetches = std::mem::take(&mut *self.fetches.borrow_mut());
         for fetch in fetches.into_values() {
             if matches!(fetch.step, Step::FetchSubject { .. }) {

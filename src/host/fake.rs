@@ -447,10 +447,10 @@ impl Host for FakeHost {
         u32::try_from(vm.counter_names.len() - 1).ok()
     }
 
-    fn increment(&self, metric_id: u32) {
+    fn increment(&self, metric_id: u32, by: u64) {
         let mut vm = self.vm.borrow_mut();
         if let Some(name) = vm.counter_names.get(metric_id as usize).cloned() {
-            *vm.counters.entry(name).or_default() += 1;
+            *vm.counters.entry(name).or_default() += by;
         }
     }
 }

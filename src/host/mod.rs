@@ -86,7 +86,7 @@ pub trait Host: SharedStore {
     /// Empties a queue; its items carry no data, only the wake-up.
     fn drain_queue(&self, queue_id: u32);
     fn define_counter(&self, name: &str) -> Option<u32>;
-    fn increment(&self, metric_id: u32);
+    fn increment(&self, metric_id: u32, by: u64);
 
     /// 16 random bits, for jitter.
     fn jitter(&self) -> u16 {
@@ -302,8 +302,8 @@ impl Host for Envoy {
         abi::define_counter(name).ok()
     }
 
-    fn increment(&self, metric_id: u32) {
-        let _ = abi::increment(metric_id, 1);
+    fn increment(&self, metric_id: u32, by: u64) {
+        let _ = abi::increment(metric_id, i64::try_from(by).unwrap_or(i64::MAX));
     }
 }
 

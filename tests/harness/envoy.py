@@ -35,6 +35,8 @@ import yaml
 
 GATEWAY_LISTENER = "openai_egress"
 STATS_PREFIX = "wasmcustom.openai_wif"
+# The filter's slow tick (coordinator::SLOW_TICK) plus a margin.
+FILTER_COUNT_DELAY_S = 0.3
 
 
 class EnvoyError(RuntimeError):
@@ -407,8 +409,14 @@ class Envoy:
             raise EnvoyError(f"admin {method} {path}: {response.status or response.error} {response.text[:200]}")
         return response.text
 
-    def stats(self, prefix: str = STATS_PREFIX) -> dict:
-        """Counters and gauges whose name starts with prefix + ".", keyed by the rest of the name."""
+    def stats(self, prefix: str = STATS_PREFIX, settle: bool = True) -> dict:
+        """Counters and gauges whose name starts with prefix + ".", keyed by the rest of the name.
+
+        The filter hands its warm-path counts (cache_hit, rule.*.allowed) to Envoy on its tick,
+        at most 250 ms late: unless settle is false, its own stats are read once that much time
+        has passed."""
+        if settle and prefix.startswith(STATS_PREFIX):
+            time.sleep(FILTER_COUNT_DELAY_S)
         query = urllib.parse.urlencode({"format": "json", "filter": "^" + prefix.replace(".", r"\.") + r"\."})
         document = json.loads(self.admin(f"/stats?{query}"))
         values = {}
@@ -429,8 +437,9 @@ class Envoy:
                 if (m := pattern.fullmatch(name))}
 
     def counter(self, name: str, prefix: str = STATS_PREFIX) -> int:
-        """One counter (0 if it does not exist yet)."""
-        return int(self.stats(prefix).get(name, 0))
+        """One counter (0 if it does not exist yet). Only the warm-path counts wait to settle."""
+        settle = name == "cache_hit" or name.endswith(".allowed")
+        return int(self.stats(prefix, settle=settle).get(name, 0))
 
     def wait_for(self, predicate, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition"):
         """Poll predicate() until it returns a true value (returned); EnvoyError after timeout_s."""
