@@ -110,8 +110,10 @@ def breakdown_table(w: Warm) -> str:
                     f"the cache lookup, allocation) beyond these host calls.")
     samples = [s for series in w.series.values() for s in series.samples]
     spread = max((max(v) - min(v)) for v in (series.values("cpu_us") for series in w.series.values()))
-    out += (f"\n- Runs of {w.duration_s:g} s after {w.warmup_s:g} s of warm-up; the largest run-to-run spread of one "
-            f"variant's CPU per request was {spread:.1f} µs: a price smaller than that is not resolved. "
+    resolution = (f"the largest run-to-run spread of one variant's CPU per request was {spread:.1f} µs: a price "
+                  f"smaller than that is not resolved" if w.reps > 1 else
+                  "one run per variant, so no run-to-run spread: a price of a few µs is not resolved")
+    out += (f"\n- Runs of {w.duration_s:g} s after {w.warmup_s:g} s of warm-up, {w.reps} per variant; {resolution}. "
             f"{sum(s.result.requests for s in samples):,} measured requests, every one answered 2xx.")
     return out
 

@@ -37,7 +37,11 @@ struct Root {
 fn field(json: &str, key: &str) -> Option<String> {
     let quoted = format!("\"{key}\"");
     let rest = &json[json.find(&quoted)? + quoted.len()..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let rest = rest
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
     Some(rest[..rest.find('"')?].to_string())
 }
 
@@ -47,11 +51,20 @@ impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         let raw = self.get_plugin_configuration().unwrap_or_default();
         let text = String::from_utf8_lossy(&raw);
-        let (Some(authorization), Some(header)) = (field(&text, "authorization"), field(&text, "header")) else {
-            proxy_wasm::hostcalls::log(LogLevel::Error, "bench floor: configuration needs authorization and header").ok();
+        let (Some(authorization), Some(header)) =
+            (field(&text, "authorization"), field(&text, "header"))
+        else {
+            proxy_wasm::hostcalls::log(
+                LogLevel::Error,
+                "bench floor: configuration needs authorization and header",
+            )
+            .ok();
             return false;
         };
-        self.config = Rc::new(Config { authorization: authorization.into_bytes(), header });
+        self.config = Rc::new(Config {
+            authorization: authorization.into_bytes(),
+            header,
+        });
         #[cfg(feature = "shared_data")]
         {
             let record = vec![b'r'; RECORD_BYTES];
@@ -71,7 +84,10 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { config: self.config.clone(), counter: self.counter }))
+        Some(Box::new(Request {
+            config: self.config.clone(),
+            counter: self.counter,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -102,7 +118,8 @@ impl HttpContext for Request {
             proxy_wasm::hostcalls::increment_metric(id, 1).ok();
         }
         #[cfg(feature = "filter_state")]
-        proxy_wasm::hostcalls::set_property(vec!["openai_wif.identity"], Some(b"0123456789ab")).ok();
+        proxy_wasm::hostcalls::set_property(vec!["openai_wif.identity"], Some(b"0123456789ab"))
+            .ok();
         #[cfg(feature = "remove_authorization")]
         self.set_http_request_header_bytes("authorization", None);
         self.set_http_request_header_bytes("authorization", Some(&self.config.authorization));
