@@ -140,6 +140,10 @@ def cold_table(c: ColdBurst) -> str:
         f"{', '.join(f'{v * 1000:.1f}' for v in c.direct_exchange_s)}), so the bound is "
         f"{c.allowed_s * 1000:.1f} ms: {_met(c.met)}.",
         f"- Each burst, in ms: cold {ms(c.cold_s)}; cached {ms(c.warm_s)}.",
+        f"- Where the cold burst's time goes: the token stand-in answered the one exchange "
+        f"{', '.join(f'{v * 1000:.1f}' for v in c.answered_s)} ms after the first request was written (its clock "
+        f"and the client's); the rest of each cold burst came after the token was there (resuming the waiting "
+        f"requests and answering all {c.n}).",
         f"- Requests of each cold burst that found no token and waited (`cache_miss`): "
         f"{', '.join(map(str, c.paused))} of {c.n}.",
         f"- Connections of each cold burst per gateway worker (worker 0/worker 1): {workers}.",

@@ -210,6 +210,7 @@ class ColdBurst:
     direct_exchange_s: list = field(default_factory=list)  # one exchange, straight to the stand-in
     sent_s: list = field(default_factory=list)  # per burst: first request written -> last written
     workers: list = field(default_factory=list)  # per cold burst: {worker: connections it accepted}
+    answered_s: list = field(default_factory=list)  # per cold burst: first request sent -> the exchange answered
 
     @property
     def ratio(self) -> float:
@@ -260,10 +261,13 @@ def cold_single_flight(bed: Testbed, n: int = COLD_BURST, reps: int = 5) -> Cold
         result.direct_exchange_s.append(_exchange_directly(bed, bed.subject_token(f"bench-direct-{rep}")))
         headers = {"Host": HOST, SUBJECT_HEADER: bed.subject_token(f"bench-cold-{rep}")}
         exchanges_before, stats_before = bed.openai.exchanges, stack.stats()
+        log_before = len(bed.openai.exchange_log)
         workers_before = stack.envoy.worker_connections()
         cold = burst(stack.envoy.port, n, PATH, headers)
         exchanges, stats = bed.openai.exchanges - exchanges_before, stack.stats()
         result.workers.append({w: c - workers_before.get(w, 0) for w, c in stack.envoy.worker_connections().items()})
+        answers = [e["time"] for e in bed.openai.exchange_log[log_before:]]
+        result.answered_s.append(answers[0] - cold.started_at if answers and cold.started_at else float("nan"))
         warm = burst(stack.envoy.port, n, PATH, headers)
         if not cold.all_ok or not warm.all_ok:
             raise InvalidRun(f"cold single flight, repetition {rep}: not every request got 200: "
