@@ -60,7 +60,7 @@ fuzz: setup ## Fuzz every parser with a million inputs per target (make test run
 	OPENAI_WIF_FUZZ_ITERATIONS=1000000 cargo test --release --test fuzz -- --nocapture --test-threads 1
 
 .PHONY: bench
-bench: build ## Benchmarks: the filter against the same gateway without it; writes BENCHMARKS.md
+bench: build ## Benchmarks: the filter against a no-op Wasm floor, Envoy's native peer and a static header; writes BENCHMARKS.md
 	$(PY) -m bench.run
 
 .PHONY: pin

@@ -28,6 +28,7 @@ class BurstResult:
     elapsed_s: float  # first request written -> last response read
     sent_s: float  # first request written -> last request written
     statuses: Counter  # HTTP status (or what went wrong) -> count
+    started_at: float = 0.0  # wall clock (time.time()) when the first request was written
 
     @property
     def all_ok(self) -> bool:
@@ -72,7 +73,7 @@ def burst(port: int, n: int, path: str, headers: dict, timeout_s: float = 30.0) 
             sockets.append(sock)
         answers = {sock: _Answer() for sock in sockets}
         statuses: Counter = Counter()
-        started = time.perf_counter()
+        started_at, started = time.time(), time.perf_counter()
         for sock in sockets:
             sock.sendall(request)
         sent = time.perf_counter()
@@ -104,7 +105,7 @@ def burst(port: int, n: int, path: str, headers: dict, timeout_s: float = 30.0) 
                 pending -= 1
         if pending:
             statuses["no answer"] += pending
-        return BurstResult(finished - started, sent - started, statuses)
+        return BurstResult(finished - started, sent - started, statuses, started_at)
     finally:
         selector.close()
         for sock in sockets:
@@ -119,13 +120,13 @@ def in_subprocess(port: int, n: int, path: str, headers: dict, timeout_s: float 
         raise RuntimeError(f"the burst client failed: {completed.stderr.strip()[-2000:]}")
     result = json.loads(completed.stdout)
     statuses = Counter({int(k) if k.isdigit() else k: v for k, v in result["statuses"].items()})
-    return BurstResult(result["elapsed_s"], result["sent_s"], statuses)
+    return BurstResult(result["elapsed_s"], result["sent_s"], statuses, result.get("started_at", 0.0))
 
 
 def main() -> int:
     job = json.load(sys.stdin)
     result = burst(job["port"], job["n"], job["path"], job["headers"], job["timeout_s"])
-    json.dump({"elapsed_s": result.elapsed_s, "sent_s": result.sent_s,
+    json.dump({"elapsed_s": result.elapsed_s, "sent_s": result.sent_s, "started_at": result.started_at,
                "statuses": {str(k): v for k, v in result.statuses.items()}}, sys.stdout)
     return 0
 

@@ -23,94 +23,91 @@ def _signed(value: float, unit: str) -> str:
     return f"±0 {unit}" if round(value) == 0 else f"{value:+.0f} {unit}"
 
 
-def _cpu(c) -> tuple:
-    base, filt = c.reference.median("cpu_us"), c.subject.median("cpu_us")
-    return base, filt, filt - base
+def _all_series(w) -> list:
+    return list(w.series.values())
 
 
-def warm_paths(h, gw, one) -> str:
-    hb, hf, hd = _cpu(h)
-    gb, gf, gd = _cpu(gw)
-    rps_h, rps_g = h.subject.median("rps") / h.reference.median("rps"), gw.subject.median("rps") / gw.reference.median("rps")
-    p50_b, p50_f = one.reference.median("p50_ms"), one.subject.median("p50_ms")
-    ob, of, od = _cpu(one)
-    noisy = max(_spread(s) for s in (h.reference, h.subject, gw.reference, gw.subject))
-    others = max(v for s in (h.reference, h.subject, gw.reference, gw.subject) for v in s.values("others_cores"))
-    p99s = ", ".join(f"{v:.2f}" for v in one.reference.values("p99_ms") + one.subject.values("p99_ms"))
-    return "\n".join([
-        f"- **Cost of the warm path.** The filter adds about **{hd:.0f} µs of gateway CPU per request** "
-        f"(×{hf / hb:.2f}) with per-request identities (header source: {hb:.0f} → {hf:.0f} µs) and about "
-        f"**{gd:.0f} µs** (×{gf / gb:.2f}) with the gateway's own identity (kubernetes source: {gb:.0f} → "
-        f"{gf:.0f} µs). On this machine that costs {_pct(rps_h)} and {_pct(rps_g)} of throughput (ratios "
-        f"{rps_h:.2f} and {rps_g:.2f}). Throughput ratios depend on how the two cores are shared between the "
-        f"gateway, wrk and the upstream; the CPU per request does not, but on this VM its absolute value moves "
-        f"with the host's load from one benchmark run to the next: size with the CPU ratio.",
-        f"- **Why the header source costs more** ({hd - gd:.0f} µs per request more than the gateway identity): "
-        f"the client sends a {h.notes.get('subject_bytes', 0)}-byte subject token in a header that Envoy parses and "
-        f"the filter reads, decodes (JWT payload, for `exp`), hashes (SHA-256 over the whole token names the "
-        f"identity's cache entry) and removes, on every request; the gateway identity's key is computed once.",
-        f"- **Latency.** With one connection (no queueing) the median request takes {p50_b * 1000:.0f} µs "
-        f"without and {p50_f * 1000:.0f} µs with the filter ({_signed((p50_f - p50_b) * 1000, 'µs')}); the "
-        f"gateway then spends {ob:.0f} → {of:.0f} µs of CPU per request ({_signed(od, 'µs')}): without "
-        f"batching, every request wakes the workers on its own and costs more CPU, with or without the "
-        f"filter. Under the "
-        f"16-connection load the percentiles grow with the throughput ratio, as a closed loop must. The p99 "
-        f"of a short one-connection run rests on a few dozen requests and follows scheduling hiccups of the "
-        f"shared machine (per run, without then with the filter: {p99s} ms): do not read its ratio.",
-        f"- **Noise.** Runs of the same variant differ by up to {noisy * 100:.0f} % in requests/s (a 2-core VM; "
-        f"processes outside the benchmark took up to {others * 100:.0f} % of a CPU during a run); CPU per "
-        f"request is steadier. Between two runs of the benchmark, absolute numbers can move together (the "
-        f"host's own load is invisible from inside the VM); the ratios and differences within one run are "
-        f"what it is for. Compared with the latency of a real OpenAI "
-        f"request (tens of milliseconds to minutes, over TLS), the filter's warm path is negligible; it matters "
-        f"for the CPU budget of a gateway serving many thousands of requests per second.",
-    ])
+def warm(tables: list, header=None, gateway=None, one=None) -> str:
+    lines = []
+    for w in tables:
+        f, fl, nat, st = (w.role(r).median("cpu_us") for r in ("filter", "floor", "native", "static"))
+        lines.append(
+            f"- **{w.title}.** Gateway CPU per request: static {st:.0f} µs, native {nat:.0f} µs "
+            f"({_signed(nat - st, 'µs')}), floor {fl:.0f} µs ({_signed(fl - st, 'µs')}: the price of a Wasm "
+            f"filter that does next to nothing), filter {f:.0f} µs (**{_signed(f - fl, 'µs')} over the floor**: "
+            f"the filter's own work). Throughput: filter / floor {w.ratio('filter', 'floor'):.2f}, floor / static "
+            f"{w.ratio('floor', 'static'):.2f}, native / static {w.ratio('native', 'static'):.2f}.")
+    if header is not None and gateway is not None:
+        extra = header.over("filter", "floor") - gateway.over("filter", "floor")
+        lines.append(
+            f"- **Why the header source costs more** ({_signed(extra, 'µs')} per request over the floor more than the "
+            f"gateway identity): the client sends a {header.notes.get('subject_bytes', 0)}-byte subject token that "
+            f"the filter reads, decodes (JWT payload, for `exp`), hashes (the identity's cache key) and removes on "
+            f"every request; the gateway identity's key is computed once.")
+    if one is not None:
+        p50 = {r: one.role(r).median("p50_ms") * 1000 for r in ("static", "native", "floor", "filter")}
+        lines.append(
+            f"- **Latency.** With one connection (no queueing) the median request takes "
+            + ", ".join(f"{v:.0f} µs ({r})" for r, v in p50.items())
+            + ". Under the 16-connection load the percentiles grow with the throughput ratio, as a closed loop "
+            "must. The p99 of a short one-connection run rests on a few dozen requests and follows scheduling "
+            "hiccups of the shared machine: do not read its ratio.")
+    if tables:
+        series = [s for w in tables for s in _all_series(w)]
+        noisy = max(_spread(s) for s in series)
+        others = max(v for s in series for v in s.values("others_cores"))
+        lines.append(
+            f"- **Noise.** Runs of the same variant differ by up to {noisy * 100:.0f} % in requests/s (a 2-core VM; "
+            f"processes outside the benchmark took up to {others * 100:.0f} % of a CPU during a run); CPU per "
+            f"request is steadier. Between two runs of the benchmark, absolute numbers can move together (the "
+            f"host's own load is invisible from inside the VM); the ratios and differences within one run are "
+            f"what it is for.")
+    return "\n".join(lines)
+
+
+def breakdown(w) -> str:
+    from .floor import CALLS
+
+    base = w.role("floor").median("cpu_us")
+    prices = sorted(((w.series[c].median("cpu_us") - base, c) for c in CALLS if c in w.series), reverse=True)
+    if not prices:
+        return ""
+    top = ", ".join(f"`{c}` {_signed(v, 'µs')}" for v, c in prices[:3])
+    return (f"- **Where the time goes.** The dearest host calls, each against the floor: {top}. The rest of the "
+            f"filter's cost over the floor is its own logic (see the breakdown table: the filter over *all_calls*).")
 
 
 def cold(c) -> str:
-    exchanges = set(c.exchanges) | set(c.filter_exchanges)
-    cold_ms, warm_ms = statistics.median(c.cold_s) * 1000, statistics.median(c.warm_s) * 1000
-    direct = statistics.median(c.direct_exchange_s) * 1000
-    waited = statistics.median(c.paused)
+    extra = statistics.median(c.extra_s) * 1000
     return "\n".join([
-        f"- **Single flight holds.** Every cold burst of {c.n} made exactly "
-        f"{'one token exchange' if exchanges == {1} else 'these token exchanges: ' + str(sorted(exchanges))} "
-        f"(counted by the token endpoint and by the filter), while a median of {waited:.0f} of the {c.n} "
-        f"requests found no token and waited for it.",
-        f"- **Cold cost.** The cold burst took {cold_ms:.0f} ms against {warm_ms:.0f} ms once cached "
-        f"(×{c.ratio:.2f}, {_signed(cold_ms - warm_ms, 'ms')}). " + (
-            f"That is within the spread of the cached bursts ({min(c.warm_s) * 1000:.0f}–{max(c.warm_s) * 1000:.0f} "
-            f"ms): the one exchange (≈{direct:.1f} ms at the Python token endpoint when called directly) and "
-            f"the resumption of the waiting requests take less time than the gateway and the Python client "
-            f"need to answer and read {c.n} requests, so a cold identity is not measurably slower here. "
-            if cold_ms <= max(c.warm_s) * 1000 else
-            f"The extra time is one exchange at the Python token endpoint (≈{direct:.1f} ms when called "
-            f"directly, longer while it shares the two cores with the burst) and, for requests paused on the "
-            f"worker that did not run the exchange, up to one 10 ms tick of their root context before they "
-            f"resume. ") +
-        f"Both times include the Python client reading {c.n} responses; compare the ratio, not the absolute "
-        f"milliseconds. A real token endpoint over the internet adds its own round trip, once per identity "
-        f"and token lifetime.",
-        f"- Per-burst times vary (cold: {', '.join(f'{v * 1000:.0f}' for v in c.cold_s)} ms); the medians "
-        f"are what the table shows.",
+        f"- **Single flight holds.** Every cold burst of {c.n} made "
+        + ("exactly one token exchange" if set(c.exchanges) == {1} else f"these exchanges: {sorted(set(c.exchanges))}")
+        + f" (counted by the token endpoint and by the filter), while a median of "
+        f"{statistics.median(c.paused):.0f} of the {c.n} requests found no token and waited for it.",
+        f"- **Cold cost.** The cold burst took {extra:+.1f} ms more than the cached one (×{c.ratio:.2f}); one "
+        f"exchange at the same Python stand-in takes {c.round_trip_s * 1000:.1f} ms. The rest is resuming the "
+        f"waiting requests: on the worker that did not run the exchange, a paused request resumes on its root "
+        f"context's next tick. Both times include the Python client reading {c.n} responses, which dominates "
+        f"their absolute milliseconds. A real token endpoint over the internet adds its own round trip, once per "
+        f"identity and token lifetime.",
     ])
 
 
-def identities(c) -> str:
-    ratio = c.subject.median("rps") / c.reference.median("rps")
-    cpu = c.subject.median("cpu_us") / c.reference.median("cpu_us")
-    noise = max(0.05, _spread(c.reference), _spread(c.subject))
-    if abs(1 - ratio) <= noise:
-        verdict = (f"No measurable difference: {c.subject.label} run at {ratio:.2f}× the requests/s of "
-                   f"{c.reference.label} (CPU per request ×{cpu:.2f}), within the run-to-run noise "
-                   f"(±{noise * 100:.0f} %)")
-    else:
-        verdict = (f"{c.subject.label} run at {ratio:.2f}× the requests/s of {c.reference.label} (CPU per "
-                   f"request ×{cpu:.2f}), more than the run-to-run noise (±{noise * 100:.0f} %)")
-    return (f"- **Many identities.** {verdict}. A warm request reads the few slots of the cache table its "
-            f"identity may live in (found from a hash of its token), whatever the number of identities cached. "
-            f"(Both variants build every request in Lua, so their requests/s are not comparable with those of "
-            f"scenario 1.)")
+def identities(w) -> str:
+    ratio = w.ratio("filter", "filter_one")
+    cpu = w.over("filter", "filter_one")
+    noise = max(0.05, _spread(w.role("filter")), _spread(w.role("filter_one")))
+    verdict = ("no measurable difference" if abs(1 - ratio) <= noise else "a difference beyond the run-to-run noise")
+    return (f"- **Many identities.** {w.roles['filter']} against {w.roles['filter_one']}: {ratio:.2f}× the "
+            f"requests/s ({_signed(cpu, 'µs')} CPU per request), {verdict} (±{noise * 100:.0f} %). A warm request "
+            f"reads the few slots of the cache table its identity may live in, whatever the number cached.")
+
+
+def refresh(r) -> str:
+    return (f"- **Refresh under load.** The hot identity's token was refreshed {r.refresh_after_s:.1f} s after it was "
+            f"exchanged, in the background: {r.waited} of {r.requests:,} requests waited, and the slice with the "
+            f"refresh had a p99 of {max(r.p99('during')):.2f} ms against {statistics.median(r.p99('outside')):.2f} ms "
+            f"(median) outside it, although the stand-in held the refresh for {r.hold_s * 1000:.0f} ms.")
 
 
 def memory(m) -> str:
@@ -152,13 +149,15 @@ def memory(m) -> str:
 
 
 def text(results) -> str:
-    parts = []
-    if results.warm_header is not None and results.warm_gateway is not None and results.one_connection is not None:
-        parts.append(warm_paths(results.warm_header, results.warm_gateway, results.one_connection))
+    parts = [warm(results.goal_tables(), results.warm_header, results.warm_gateway, results.one_connection)]
+    if results.breakdown is not None:
+        parts.append(breakdown(results.breakdown))
     if results.cold is not None:
         parts.append(cold(results.cold))
     if results.identities is not None:
         parts.append(identities(results.identities))
+    if results.refresh is not None:
+        parts.append(refresh(results.refresh))
     if results.memory is not None:
         parts.append(memory(results.memory))
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)

@@ -1,16 +1,19 @@
 """`make bench` / `python -m bench.run`: run every benchmark and (re)write BENCHMARKS.md.
 
-Starts the stand-ins, a fast upstream Envoy and the gateways (with and without the filter) on
-loopback, measures each scenario (bench.scenarios), and writes the report only if every measured
-run was valid: any failed request, cache miss or unexpected token exchange in a measured run, or
-memory that keeps growing with the number of identities, makes the whole benchmark fail (exit
-status 1) and leaves BENCHMARKS.md as it was. `--only` runs some scenarios and prints their
+Builds the no-op Wasm floor (bench/floor/), starts the stand-ins, a fast upstream Envoy and the
+gateways (the filter and its peers: floor, native, static; see bench.peers) on loopback, measures
+each scenario (bench.scenarios), and writes the report only if every measured run was valid: any
+failed request, cache miss or unexpected token exchange in a measured run, a cold burst with other
+than one exchange, or memory that keeps growing with the number of identities, makes the whole
+benchmark fail (exit status 1) and leaves BENCHMARKS.md as it was. A goal that is not met does not
+fail the run: the report says so. `--only` runs some scenarios and prints their
 sections instead of writing the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -18,12 +21,13 @@ from pathlib import Path
 
 from tests.harness import EnvoyError, ModuleMissing, module_path
 
-from . import machine, report, scenarios, wrk
+from . import floor, machine, report, scenarios, wrk
 from .load import Load
 from .testbed import BenchError, Testbed
 
 DEFAULT_OUT = machine.REPO / "BENCHMARKS.md"
-SCENARIOS = ("warm-header", "warm-header-c1", "warm-kubernetes", "cold", "identities", "memory")
+SCENARIOS = ("warm-header", "warm-header-c1", "warm-kubernetes", "warm-callers", "identities", "breakdown", "cold",
+             "refresh", "memory")
 
 
 def parse_args(argv):
@@ -32,7 +36,8 @@ def parse_args(argv):
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load before each run (default 2)")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections (default 16)")
-    parser.add_argument("--burst", type=int, default=200, help="requests per cold single-flight burst (default 200)")
+    parser.add_argument("--burst", type=int, default=scenarios.COLD_BURST,
+                        help=f"requests per cold single-flight burst (default {scenarios.COLD_BURST})")
     parser.add_argument("--bursts", type=int, default=10, help="cold single-flight repetitions (default 10)")
     parser.add_argument("--identities", type=int, default=100, help="identities in the many-identities run (default 100)")
     parser.add_argument("--memory-table", type=int, default=scenarios.DEFAULT_MAX_IDENTITIES,
@@ -54,27 +59,44 @@ def parse_args(argv):
     return args
 
 
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raises this process's open-file limit (inherited by Envoy, wrk and the burst client) towards
+    `wanted`, as far as the hard limit allows; returns the soft limit now in force. A cold burst of
+    1000 connections needs ~1000 descriptors in the client and ~2000 in the gateway."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def measure(args, workdir: Path) -> report.Results:
     with Testbed(workdir) as bed:
         load = Load(workdir, bed, connections=args.connections, duration_s=args.duration,
                     warmup_s=args.warmup, reps=args.reps)
         single = Load(workdir, bed, connections=1, duration_s=max(1.0, args.duration / 2),
                       warmup_s=min(1.0, args.warmup), reps=args.reps)
+        short = Load(workdir, bed, connections=args.connections, duration_s=max(1.0, args.duration / 2),
+                     warmup_s=min(1.0, args.warmup), reps=args.reps)
         wanted = set(args.only or SCENARIOS)
         results = report.Results()
-        if "warm-header" in wanted:
-            results.warm_header = scenarios.warm_path_header(bed, load)
-        if "warm-header-c1" in wanted:
-            results.one_connection = scenarios.warm_path_header(
-                bed, single, "Warm path, header source, one connection (latency without queueing)", "warm-header-c1")
-        if "warm-kubernetes" in wanted:
-            results.warm_gateway = scenarios.warm_path_gateway(bed, load)
-        if "cold" in wanted:
-            results.cold = scenarios.cold_single_flight(bed, args.burst, args.bursts)
-        if "identities" in wanted:
-            results.identities = scenarios.many_identities(bed, load, args.identities)
-        if "memory" in wanted:  # last: the stand-in keeps a record of each of its ~110 000 exchanges
-            results.memory = scenarios.memory(bed, args.memory_table)
+        steps = {
+            "warm-header": lambda: setattr(results, "warm_header", scenarios.warm_path_header(bed, load)),
+            "warm-header-c1": lambda: setattr(results, "one_connection", scenarios.warm_path_header(
+                bed, single, "Warm path, header source, one connection (latency without queueing)", "warm-header-c1")),
+            "warm-kubernetes": lambda: setattr(results, "warm_gateway", scenarios.warm_path_gateway(bed, load)),
+            "warm-callers": lambda: setattr(results, "warm_callers", scenarios.warm_path_callers(bed, load)),
+            "identities": lambda: setattr(results, "identities", scenarios.many_identities(bed, load, args.identities)),
+            "breakdown": lambda: setattr(results, "breakdown", scenarios.host_call_breakdown(bed, short)),
+            "cold": lambda: setattr(results, "cold", scenarios.cold_single_flight(bed, args.burst, args.bursts)),
+            "refresh": lambda: setattr(results, "refresh", scenarios.refresh_under_load(bed, workdir, args.connections)),
+            # last: the stand-in keeps a record of each of its ~110 000 exchanges
+            "memory": lambda: setattr(results, "memory", scenarios.memory(bed, args.memory_table)),
+        }
+        for name in SCENARIOS:
+            if name in wanted:
+                steps[name]()
+                bed.release()  # idle gateways still tick: stop them before the next scenario
         return results
 
 
@@ -84,13 +106,17 @@ def main(argv=None) -> int:
     try:
         module_path()
         wrk.ensure_installed()
+        files = raise_fd_limit()
+        if files < 4 * args.burst:
+            print(f"warning: only {files} open files allowed; a burst of {args.burst} may fail", flush=True)
+        floor.module("floor")  # the no-op Wasm floor (bench/floor/), built by cargo if needed
         host = machine.describe()
         print(f"{host.cpus} CPUs ({host.cpu_model}), {host.envoy}, {host.wrk}", flush=True)
         if machine.stale_module():
             print("warning: the filter module is older than its sources; `make bench` builds it first", flush=True)
         with tempfile.TemporaryDirectory(prefix="openai-wif-bench-") as workdir:
             results = measure(args, Path(workdir))
-    except ModuleMissing as missing:
+    except (ModuleMissing, floor.FloorBuildError) as missing:
         print(f"error: {missing}")
         return 1
     except (BenchError, EnvoyError, wrk.WrkError) as error:

@@ -6,8 +6,9 @@
 
 Every gateway is `tests.harness.Stack`: `tools.envoy_config.render("local", source, ...)`, with
 `--concurrency 2`, its `openai_api` cluster pointed at the fast upstream (bench.upstream) and its
-`openai_auth` cluster at the Python OpenAI stand-in (used only when a token is exchanged). Access
-logs are off in both variants (they would cost the same in both and only add noise).
+`openai_auth` cluster at the Python OpenAI stand-in (used only when a token is exchanged; here it
+also grants client credentials to Envoy's native peer, see bench.standin and bench.peers). Access
+logs are off in every variant (they would cost the same in all and only add noise).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from tests.harness import Envoy, Stack
 from tests.standins import Standins
 
-from . import upstream
+from . import standin, upstream
 
 HOST = "api.openai.com"
 PATH = "/v1/models"
@@ -52,7 +53,13 @@ class Testbed:
         self.stacks: dict = {}
 
     def start(self) -> "Testbed":
-        self.standins = Standins.start_all(self.workdir / "standins")
+        standins = Standins(self.workdir / "standins")
+        standins.openai = standin.install(standins)  # the token stand-in, also granting client credentials
+        try:
+            self.standins = standins.start()
+        except BaseException:
+            standins.stop_all()
+            raise
         self.upstream = Envoy(upstream.render(), self.workdir / "upstream", log_level="warning", name="upstream",
                               concurrency=1).start()
         return self
@@ -92,6 +99,12 @@ class Testbed:
                           **options)
             self.stacks[key] = stack.start()
         return self.stacks[key]
+
+    def release(self):
+        """Stops every gateway (between scenarios: idle gateways still tick and flush stats)."""
+        for stack in self.stacks.values():
+            stack.stop()
+        self.stacks = {}
 
     def stop_gateway(self, stack: Stack):
         """Stops one gateway now (it is not reused)."""
