@@ -119,10 +119,17 @@ pub fn explain(
             signature_checked: false,
         } => "local checks passed without a JWKS; left: the kid in the provider's JWKS, the service account mapping, a disabled provider or mapping".to_string(),
     };
-    failure.message = bounded(&format!(
-        "{}; {subject}; sent provider {}, service account {}; {suspects}",
-        failure.message, account.identity_provider_id, account.service_account_id
-    ));
+    let sent = format!(
+        "sent provider {}, service account {}; {suspects}",
+        account.identity_provider_id, account.service_account_id
+    );
+    // Long claims give way, so the ids sent and the suspects always show.
+    let room = MAX_MESSAGE_CHARS
+        .saturating_sub(failure.message.chars().count() + sent.chars().count() + 4);
+    failure.message = bounded(
+        &format!("{}; {}; {sent}", failure.message, bounded(&subject, room)),
+        MAX_MESSAGE_CHARS,
+    );
     failure
 }
 
@@ -172,12 +179,184 @@ fn scalar(value: &Value) -> String {
     }
 }
 
-/// `message` cut to [`MAX_MESSAGE_CHARS`].
-fn bounded(message: &str) -> String {
-    if message.chars().count() <= MAX_MESSAGE_CHARS {
+/// `message` cut to `max` characters, an ellipsis marking the cut.
+fn bounded(message: &str, max: usize) -> String {
+    if message.chars().count() <= max {
         return message.to_string();
     }
-    let mut out: String = message.chars().take(MAX_MESSAGE_CHARS - 1).collect();
+    let mut out: String = message.chars().take(max.saturating_sub(1)).collect();
     out.push('…');
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{claims, sign, AUD, ISS, NOW, RSA_OLD};
+    use super::*;
+    use serde_json::json;
+
+    fn account() -> Account {
+        Account {
+            identity_provider_id: "idp_123".into(),
+            service_account_id: "sa_456".into(),
+        }
+    }
+
+    fn token(claims: &Value) -> String {
+        sign(
+            RSA_OLD,
+            &json!({"alg": "RS256", "kid": "old-2024", "typ": "JWT"}),
+            claims,
+        )
+    }
+
+    fn refused(status: u16, oauth: Option<&str>) -> ExchangeError {
+        ExchangeError::Status {
+            status,
+            retry_after_s: None,
+            oauth: oauth.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn facts_summarise_what_was_sent() {
+        let facts = Facts::read(&token(&claims())).unwrap();
+        assert_eq!(
+            facts.summary(NOW),
+            format!("subject iss \"{ISS}\", aud [\"{AUD}\"], sub \"system:serviceaccount:istio-system:gateway\", kid \"old-2024\", alg RS256, exp in 3540 s")
+        );
+        let mut c = claims();
+        c["exp"] = json!(NOW - 5);
+        c["aud"] = json!("single");
+        c.as_object_mut().unwrap().remove("sub");
+        let facts = Facts::read(&token(&c)).unwrap();
+        assert!(facts.summary(NOW).contains(
+            "aud [\"single\"], sub (none), kid \"old-2024\", alg RS256, expired 5 s ago"
+        ));
+        assert_eq!(Facts::read("not a jwt"), None);
+        let odd = Facts {
+            alg: Some("HS256\n".into()),
+            ..Facts::default()
+        };
+        assert!(odd.summary(NOW).contains("alg \"HS256\\n\", no exp"));
+    }
+
+    #[test]
+    fn a_refusal_is_explained_with_the_facts_and_the_suspects() {
+        let t = token(&claims());
+        let facts = Facts::read(&t).unwrap();
+        let f = explain(
+            &refused(500, None),
+            Some(&facts),
+            &account(),
+            Local::Passed {
+                signature_checked: true,
+            },
+            NOW,
+        );
+        assert_eq!(f.code, crate::reply::Code::TokenExchangeFailed);
+        assert!(f.message.starts_with(
+            "OpenAI token exchange failed: the token endpoint answered HTTP 500; subject iss \""
+        ));
+        assert!(f.message.contains("sent provider idp_123, service account sa_456; local checks passed; left: the service account mapping"), "{}", f.message);
+        assert!(f.message.contains("uploaded JWKS stale"));
+        let f = explain(
+            &refused(401, Some("invalid_grant: subject token rejected")),
+            Some(&facts),
+            &account(),
+            Local::NotConfigured,
+            NOW,
+        );
+        assert!(f
+            .message
+            .contains("HTTP 401 (invalid_grant: subject token rejected); subject"));
+        assert!(f
+            .message
+            .ends_with("set expect to check issuer, audience and signature locally"));
+        let f = explain(
+            &refused(403, None),
+            None,
+            &account(),
+            Local::Passed {
+                signature_checked: false,
+            },
+            NOW,
+        );
+        assert!(f.message.contains("subject token unreadable"));
+        assert!(f
+            .message
+            .contains("without a JWKS; left: the kid in the provider's JWKS"));
+    }
+
+    #[test]
+    fn other_failures_are_left_alone() {
+        let facts = Facts::read(&token(&claims())).unwrap();
+        for e in [
+            ExchangeError::NoResponse,
+            ExchangeError::Malformed("no access_token"),
+            refused(429, None),
+            refused(503, None),
+        ] {
+            assert_eq!(
+                explain(&e, Some(&facts), &account(), Local::NotConfigured, NOW),
+                e.failure()
+            );
+        }
+    }
+
+    #[test]
+    fn the_message_is_bounded_escaped_and_never_carries_the_token() {
+        let hostile = json!({
+            "iss": format!("https://x\r\n{}", "i".repeat(1000)),
+            "aud": (0..50).map(|i| format!("aud-{i}-{}", "a".repeat(200))).collect::<Vec<_>>(),
+            "sub": "\u{1b}[31mred\u{7}\"quoted\"",
+            "exp": NOW + 10, "iat": NOW,
+        });
+        let t = token(&hostile);
+        let facts = Facts::read(&t).unwrap();
+        let f = explain(
+            &refused(500, Some(&"d".repeat(200))),
+            Some(&facts),
+            &account(),
+            Local::Passed {
+                signature_checked: true,
+            },
+            NOW,
+        );
+        assert!(
+            f.message.chars().count() <= MAX_MESSAGE_CHARS,
+            "{}",
+            f.message.len()
+        );
+        assert!(
+            f.message
+                .contains("…; sent provider idp_123, service account sa_456; local checks passed"),
+            "{}",
+            f.message
+        );
+        assert!(!f.message.chars().any(char::is_control), "{:?}", f.message);
+        assert!(f.message.contains("\\r\\n"));
+        let signature = t.rsplit('.').next().unwrap();
+        assert!(!f.message.contains(signature) && !f.message.contains(&t[..30]));
+        let inner = token(&claims());
+        let facts =
+            Facts::read(&token(&json!({"sub": "\u{1b}[31mred\"q\"", "iss": inner}))).unwrap();
+        let s = facts.summary(NOW);
+        assert!(s.contains("sub \"\\u{1b}[31mred\\\"q\\\"\""), "{s}");
+        assert!(s.contains("iss (withheld: looks like a token)"), "{s}");
+    }
+
+    #[test]
+    fn values_are_truncated_on_character_boundaries() {
+        let q = quote(&"é".repeat(200));
+        assert_eq!(q.chars().count(), MAX_VALUE_CHARS + 3);
+        assert!(q.ends_with("…\""));
+        assert_eq!(quote("plain"), "\"plain\"");
+        assert_eq!(
+            list(&["a", "b", "c", "d"]),
+            "[\"a\", \"b\", \"c\", … (4 in all)]"
+        );
+        assert_eq!(show(&json!([1, true, "x"])), "[\"1\", \"true\", \"x\"]");
+        assert_eq!(show(&json!(null)), "null");
+    }
 }
