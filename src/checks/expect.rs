@@ -80,7 +80,7 @@ pub struct JwksSource {
 }
 
 /// `expect` as written.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawExpect {
     #[serde(default)]

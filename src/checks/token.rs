@@ -93,15 +93,7 @@ pub(crate) fn type_header(header: &Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
-/// A NumericDate (RFC 7519 §2): a non-negative JSON number; a fraction is dropped.
-pub(crate) fn numeric_date(value: &Value) -> Option<u64> {
-    let n = value.as_number()?;
-    n.as_u64().or_else(|| {
-        n.as_f64()
-            .filter(|f| f.is_finite() && *f >= 0.0)
-            .map(|f| f as u64)
-    })
-}
+pub(crate) use crate::jwt::numeric_date;
 
 /// `aud` as a list: a string is a list of one (RFC 7519 §4.1.3).
 pub(crate) fn audiences(value: &Value) -> Option<Vec<&str>> {
