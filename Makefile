@@ -47,6 +47,12 @@ unit: setup ## Unit tests of the pure logic, on the host and again as wasm32-was
 	cargo test
 	CARGO_TARGET_WASM32_WASIP1_RUNNER="$(PY) tools/wasm_runner.py" cargo test --target $(TARGET)
 
+.PHONY: check
+check: ## Run the subject checks on a token: make check CONFIG=filter.json TOKEN=token [JWKS=jwks.json]
+	@test -n "$(CONFIG)" -a -n "$(TOKEN)" || { echo "usage: make check CONFIG=filter.json TOKEN=token [JWKS=jwks.json] [NOW=unix_seconds]"; exit 2; }
+	@cargo run --quiet --bin openai-wif-check -- --config "$(CONFIG)" --token-file "$(TOKEN)" \
+	  $(if $(JWKS),--jwks-file "$(JWKS)") $(if $(NOW),--now "$(NOW)")
+
 .PHONY: validate
 validate: build ## Offline checks: Envoy configs, Istio manifests, OCI image layout
 	$(PY) -m tools.validate

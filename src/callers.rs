@@ -49,6 +49,16 @@ impl Principal {
     }
 }
 
+impl std::fmt::Display for Principal {
+    /// The pattern as written.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Exact(p) => f.write_str(p),
+            Principal::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
 /// Where the caller's identity comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallerSource {

@@ -32,6 +32,9 @@ pub struct Config {
     /// (Envoy's `xds.cluster_name`); a route that leads elsewhere gets no token.
     pub upstream_clusters: Option<Vec<String>>,
     pub limits: Limits,
+    /// What subject tokens must look like, checked before any exchange; `None` when not
+    /// configured (and always with the x509 source, which has no subject token).
+    pub expect: Option<crate::checks::Expect>,
 }
 
 /// An OpenAI Workload Identity Provider and a service account: what an exchange asks for.
@@ -197,6 +200,8 @@ struct RawConfig {
     limits: Option<RawLimits>,
     #[serde(default)]
     upstream_clusters: Option<Vec<String>>,
+    #[serde(default)]
+    expect: Option<crate::checks::RawExpect>,
 }
 
 #[derive(Deserialize, Default)]
@@ -376,6 +381,16 @@ impl Config {
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let expect = match raw.expect {
+            Some(_) if subject.is_certificate() => {
+                return Err(invalid(
+                    "expect",
+                    "must be left out with the x509 source: there is no subject token to check"
+                        .into(),
+                ))
+            }
+            raw => raw.map(crate::checks::Expect::from_raw).transpose()?,
+        };
         Ok(Config {
             account,
             account_from_env,
@@ -387,6 +402,7 @@ impl Config {
             scope,
             upstream_clusters,
             limits,
+            expect,
         })
     }
 }
@@ -734,6 +750,119 @@ mod tests {
                 max_identities: 16,
                 invalidate_interval: Duration::ZERO,
             }
+        );
+    }
+
+    #[test]
+    fn expect_parses_with_defaults_and_is_absent_unless_configured() {
+        use crate::checks::{Algorithm, Keys, Pattern};
+        assert_eq!(parse(MINIMAL).unwrap().expect, None);
+        let c = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},
+            "expect":{"issuer":"https://container.googleapis.com/v1/projects/p/locations/l/clusters/c",
+                      "audiences":["https://api.openai.com/v1"],"algorithms":["RS256","ES256","RS256"],"leeway_s":10,
+                      "claims":{"sub":"system:serviceaccount:istio-system:*","tid":"t1"},
+                      "jwks_source":{"cluster":"gke_oidc","authority":"container.googleapis.com",
+                                     "path":"/v1/projects/p/locations/l/clusters/c/jwks"}}}"#).unwrap();
+        let e = c.expect.unwrap();
+        assert_eq!(
+            e.issuer.as_deref(),
+            Some("https://container.googleapis.com/v1/projects/p/locations/l/clusters/c")
+        );
+        assert_eq!(
+            e.audiences,
+            Some(vec!["https://api.openai.com/v1".to_string()])
+        );
+        assert_eq!(e.algorithms, [Algorithm::Rs256, Algorithm::Es256]);
+        assert_eq!(e.leeway_s, 10);
+        assert_eq!(
+            e.claims,
+            [
+                (
+                    "sub".to_string(),
+                    Pattern::Prefix("system:serviceaccount:istio-system:".into())
+                ),
+                ("tid".to_string(), Pattern::Exact("t1".into())),
+            ]
+        );
+        let Keys::Source(source) = e.keys else {
+            panic!("expected a jwks_source")
+        };
+        assert_eq!(source.cluster, "gke_oidc");
+        assert_eq!(source.refresh_interval, Duration::from_secs(3600));
+        assert_eq!(source.timeout, Duration::from_millis(5000));
+        let e = parse(r#"{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{"cluster":"a"},"expect":{}}"#)
+            .unwrap()
+            .expect
+            .unwrap();
+        assert_eq!(e, crate::checks::Expect::default());
+        assert_eq!(e.algorithms, Algorithm::ALL);
+        assert_eq!(e.leeway_s, 30);
+    }
+
+    #[test]
+    fn expect_takes_an_inline_jwks() {
+        let jwk = crate::checks::tests::public_jwk(crate::checks::tests::RSA_OLD);
+        let c = parse(&format!(
+            r#"{{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{{"cluster":"a"}},
+            "expect":{{"jwks":{{"keys":[{jwk},{{"kty":"RSA","use":"enc","kid":"e","n":"AQAB","e":"AQAB"}}]}}}}}}"#
+        ))
+        .unwrap();
+        let Some(crate::checks::Keys::Inline(jwks)) = c.expect.map(|e| e.keys) else {
+            panic!("expected an inline JWKS")
+        };
+        assert_eq!(jwks.kids(), ["old-2024"]);
+        assert_eq!(jwks.skipped().len(), 1);
+    }
+
+    #[test]
+    fn expect_errors_name_the_field() {
+        let base = |expect: &str| {
+            format!(
+                r#"{{"identity_provider_id":"w","service_account_id":"s","token_endpoint":{{"cluster":"a"}},"expect":{expect}}}"#
+            )
+        };
+        let source = r#""jwks_source":{"cluster":"k","authority":"kubernetes.default.svc","path":"/openid/v1/jwks"}"#;
+        let cases = [
+            (r#"{"issuer":""}"#.to_string(), "expect.issuer"),
+            (r#"{"issuer":"https://a b"}"#.into(), "expect.issuer"),
+            (r#"{"audiences":[]}"#.into(), "expect.audiences"),
+            (r#"{"audiences":["ok",""]}"#.into(), "expect.audiences[1]"),
+            (r#"{"algorithms":[]}"#.into(), "expect.algorithms"),
+            (r#"{"algorithms":["RS256","none"]}"#.into(), "expect.algorithms[1]"),
+            (r#"{"algorithms":["HS256"]}"#.into(), "HMAC"),
+            (r#"{"algorithms":["ES384"]}"#.into(), "expect.algorithms[0]"),
+            (r#"{"leeway_s":301}"#.into(), "expect.leeway_s"),
+            (r#"{"leeway_s":-1}"#.into(), "expect.leeway_s"),
+            (r#"{"claims":{"sub":"*"}}"#.into(), "expect.claims.sub"),
+            (r#"{"claims":{"sub":"a*b"}}"#.into(), "expect.claims.sub"),
+            (r#"{"claims":{"sub":"*a"}}"#.into(), "expect.claims.sub"),
+            (r#"{"claims":{"sub":""}}"#.into(), "expect.claims.sub"),
+            (r#"{"claims":{"sub":7}}"#.into(), "expect.claims.sub"),
+            (r#"{"claims":{"":"x"}}"#.into(), "expect.claims"),
+            (r#"{"issuers":["x"]}"#.into(), "issuers"),
+            (r#"{"jwks":{"keys":[]}}"#.into(), "expect.jwks"),
+            (r#"{"jwks":{"keys":[{"kty":"oct","kid":"h","k":"c2VjcmV0"}]}}"#.into(), "symmetric"),
+            (r#"{"jwks":[]}"#.into(), "expect.jwks"),
+            (format!(r#"{{"jwks":{{"keys":[]}},{source}}}"#), "expect.jwks_source"),
+            (r#"{"jwks_source":{"authority":"a","path":"/j"}}"#.into(), "cluster"),
+            (r#"{"jwks_source":{"cluster":"","authority":"a","path":"/j"}}"#.into(), "expect.jwks_source.cluster"),
+            (r#"{"jwks_source":{"cluster":"k","authority":"a/b","path":"/j"}}"#.into(), "expect.jwks_source.authority"),
+            (r#"{"jwks_source":{"cluster":"k","authority":"a","path":"j"}}"#.into(), "expect.jwks_source.path"),
+            (r#"{"jwks_source":{"cluster":"k","authority":"a","path":"/j","refresh_interval_s":59}}"#.into(), "expect.jwks_source.refresh_interval_s"),
+            (r#"{"jwks_source":{"cluster":"k","authority":"a","path":"/j","timeout_ms":0}}"#.into(), "expect.jwks_source.timeout_ms"),
+            (r#"{"jwks_source":{"cluster":"k","authority":"a","path":"/j","url":"x"}}"#.into(), "url"),
+        ];
+        for (expect, field) in cases {
+            let json = base(&expect);
+            let err = parse(&json).expect_err(&json).to_string();
+            assert!(err.contains(field), "{json}: {err} should name {field}");
+        }
+        let x509 = r#"{"identity_provider_id":"w","service_account_id":"s","subject_token":{"source":"x509"},
+            "token_endpoint":{"cluster":"a"},"expect":{}}"#;
+        let err = parse(x509).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { field, .. } if field == "expect"),
+            "{err}"
         );
     }
 

@@ -75,12 +75,20 @@ pub fn inspect(token: &str) -> Result<Claims, JwtError> {
     let payload: Payload = decode_json(payload).ok_or(JwtError::BadPart("payload"))?;
     let exp = match payload.exp {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Number(n)) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Some(n @ serde_json::Value::Number(_)) => numeric_date(&n),
         Some(_) => return Err(JwtError::BadPart("payload")),
     };
     Ok(Claims { exp })
+}
+
+/// A NumericDate (RFC 7519 §2): a non-negative JSON number, a fraction dropped.
+pub(crate) fn numeric_date(value: &serde_json::Value) -> Option<u64> {
+    let n = value.as_number()?;
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.is_finite() && *f >= 0.0)
+            .map(|f| f as u64)
+    })
 }
 
 fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Option<T> {

@@ -9,13 +9,15 @@
 //! [`coordinator`], the per-VM state machine that decides who fetches, who waits, who is
 //! resumed or answered, when to refresh and what to sweep. Below it are pure modules with their
 //! own tests: [`config`], [`authority`], [`subject`] (where subject tokens come from),
-//! [`exchange`], [`cache`], [`lease`], [`admission`], [`lifetime`], [`identity`], [`jwt`],
-//! [`reply`], [`logs`]. [`host`] is the seam to Envoy, the only module that talks to it.
+//! [`checks`] (what a subject token must look like), [`exchange`], [`cache`], [`lease`],
+//! [`admission`], [`lifetime`], [`identity`], [`jwt`], [`reply`], [`logs`]. [`host`] is the seam to Envoy, the only module
+//! that talks to it.
 
 pub mod admission;
 pub mod authority;
 pub mod cache;
 pub mod callers;
+pub mod checks;
 pub mod config;
 pub mod coordinator;
 pub mod exchange;

@@ -1932,3 +1932,147 @@ fn fuzz_admission_bucket() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 8. Subject checks and JWKS documents
+// ---------------------------------------------------------------------------------------------
+
+fn public_jwk(private: &str) -> Value {
+    let mut k: Value = serde_json::from_str(private).unwrap();
+    for m in ["d", "p", "q"] {
+        k.as_object_mut().unwrap().remove(m);
+    }
+    k
+}
+
+fn test_jwks() -> Vec<u8> {
+    let keys = [
+        public_jwk(include_str!("fixtures/rsa-2048-old.private.jwk.json")),
+        public_jwk(include_str!("fixtures/ec-p256.private.jwk.json")),
+        public_jwk(include_str!("fixtures/rsa-1024.private.jwk.json")),
+        json!({"kty": "oct", "kid": "k1", "k": "c2VjcmV0"}),
+    ];
+    serde_json::to_vec(&json!({ "keys": keys })).unwrap()
+}
+
+/// A subject with every claim OpenAI requires and a kid of the test JWKS, usually; its header
+/// and payload sometimes mutated as JSON, its signature random bytes.
+fn subject_for(rng: &mut Rng, now_s: u64) -> String {
+    let headers = [
+        json!({"alg": "RS256", "kid": "old-2024", "typ": "JWT"}),
+        json!({"alg": "ES256", "kid": "ec-1"}),
+        json!({"alg": "PS256", "kid": "weak"}),
+        json!({"alg": "HS256", "kid": "k1"}),
+    ];
+    let header = serde_json::to_vec(rng.pick(&headers)).unwrap();
+    let exp = match rng.below(4) {
+        0 => now_s,
+        1 => now_s.saturating_sub(rng.range(0, 100)),
+        _ => now_s.saturating_add(rng.range(1, 100_000)),
+    };
+    let payload = serde_json::to_vec(&json!({
+        "iss": "https://kubernetes.default.svc", "aud": ["https://api.openai.com/v1"],
+        "sub": "system:serviceaccount:ns:sa", "iat": now_s.saturating_sub(5), "exp": exp,
+    }))
+    .unwrap();
+    let mut parts = [header, payload];
+    for part in &mut parts {
+        if rng.one_in(4) {
+            let seeds = [part.clone()];
+            *part = json_input(rng, &seeds);
+        }
+    }
+    let signature = rng.bytes_below(300);
+    format!("{}.{}.{}", b64(&parts[0]), b64(&parts[1]), b64(&signature))
+}
+
+#[test]
+fn fuzz_checks() {
+    use openai_wif::checks::{self, Expect, Facts, Jwks, Keys};
+    let jwks = Jwks::parse(&test_jwks()).unwrap();
+    let verifying = Expect {
+        keys: Keys::Inline(jwks),
+        ..Expect::default()
+    };
+    let mut seed_rng = Rng::new(9);
+    let seeds: Vec<Vec<u8>> = (0..32)
+        .map(|_| subject_for(&mut seed_rng, 1_700_000_000).into_bytes())
+        .collect();
+    fuzz(
+        "checks::check",
+        |rng| {
+            let now = now_s(rng);
+            let token = if rng.one_in(2) {
+                subject_for(rng, now).into_bytes()
+            } else if rng.one_in(2) {
+                jwt_for(rng, now).into_bytes()
+            } else {
+                from_seeds(rng, &seeds)
+            };
+            (token, now)
+        },
+        |(token, now)| format!("{} at {now}", lit(token)),
+        |(token, now)| {
+            let text = String::from_utf8_lossy(token);
+            // Nothing here is signed by a test key: a verifying run must refuse every input.
+            if let Ok(v) = checks::check(&text, &verifying, None, *now) {
+                return Err(format!("accepted an unsigned token: {v:?}"));
+            }
+            let signature = text.trim().rsplit('.').next().unwrap_or_default();
+            match checks::check(&text, &Expect::default(), None, *now) {
+                Ok(v) => {
+                    accepted();
+                    if v.signature_checked || v.exp_s <= *now {
+                        return Err(format!("accepted {v:?} at {now}"));
+                    }
+                    if jwt::inspect(&text).is_err() {
+                        return Err("accepted what jwt::inspect refuses".into());
+                    }
+                }
+                Err(r) => {
+                    if r.message.chars().any(char::is_control) {
+                        return Err(format!("control characters in {:?}", r.message));
+                    }
+                    if signature.len() >= 16 && r.message.contains(signature) {
+                        return Err(format!("the signature is in {:?}", r.message));
+                    }
+                }
+            }
+            if let Some(facts) = Facts::read(&text) {
+                let s = facts.summary(*now);
+                if s.chars().any(char::is_control) || s.chars().count() > 1000 {
+                    return Err(format!("summary {s:?}"));
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn fuzz_jwks_parse() {
+    use openai_wif::checks::jwks::{Jwks, MAX_KEYS, MAX_KID_BYTES};
+    let seeds = vec![test_jwks(), br#"{"keys":[]}"#.to_vec()];
+    fuzz(
+        "checks::Jwks::parse",
+        |rng| json_input(rng, &seeds),
+        |input| lit(input),
+        |input| {
+            let Ok(jwks) = Jwks::parse(input) else {
+                return Ok(());
+            };
+            if !jwks.keys().is_empty() {
+                accepted();
+            }
+            if jwks.keys().len() + jwks.skipped().len() > MAX_KEYS {
+                return Err(format!("{} keys", jwks.keys().len()));
+            }
+            for k in jwks.keys() {
+                if k.kid.is_empty() || k.kid.len() > MAX_KID_BYTES {
+                    return Err(format!("kid {:?}", k.kid));
+                }
+            }
+            Ok(())
+        },
+    );
+}
