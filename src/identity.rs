@@ -36,6 +36,14 @@ impl IdentityKey {
         Self::digest(&parts, None)
     }
 
+    /// Key for the issuer's key set (`expect.jwks_source`): its fetch's lease.
+    pub fn for_keys(source: &crate::checks::JwksSource) -> Self {
+        Self::digest(
+            &["jwks", &source.cluster, &source.authority, &source.path],
+            None,
+        )
+    }
+
     fn source_parts(config: &Config) -> Vec<&str> {
         let mut parts: Vec<&str> = vec!["gateway", config.subject.name()];
         match (&config.subject, config.subject.platform()) {

@@ -14,10 +14,13 @@ pub enum Counter {
     NewIdentitiesRefused,
     AuthoritiesRefused,
     CallersRefused,
+    SubjectsRefused,
+    JwksFetchOk,
+    JwksFetchFailed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 14] = [
         Counter::ExchangesOk,
         Counter::ExchangesFailed,
         Counter::CacheHit,
@@ -29,6 +32,9 @@ impl Counter {
         Counter::NewIdentitiesRefused,
         Counter::AuthoritiesRefused,
         Counter::CallersRefused,
+        Counter::SubjectsRefused,
+        Counter::JwksFetchOk,
+        Counter::JwksFetchFailed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +50,9 @@ impl Counter {
             Counter::NewIdentitiesRefused => "openai_wif.new_identities_refused",
             Counter::AuthoritiesRefused => "openai_wif.authorities_refused",
             Counter::CallersRefused => "openai_wif.callers_refused",
+            Counter::SubjectsRefused => "openai_wif.subjects_refused",
+            Counter::JwksFetchOk => "openai_wif.jwks_fetch_ok",
+            Counter::JwksFetchFailed => "openai_wif.jwks_fetch_failed",
         }
     }
 

@@ -17,6 +17,7 @@ pub enum Code {
     TokenExchangeFailed,
     TokenEndpointUnavailable,
     SubjectSourceUnavailable,
+    SubjectKeysUnavailable,
     TokenWaitTimeout,
     TooManyNewIdentities,
     UpstreamNotAllowed,
@@ -34,6 +35,7 @@ impl Code {
             Code::TokenExchangeFailed => "token_exchange_failed",
             Code::TokenEndpointUnavailable => "token_endpoint_unavailable",
             Code::SubjectSourceUnavailable => "subject_source_unavailable",
+            Code::SubjectKeysUnavailable => "subject_keys_unavailable",
             Code::TokenWaitTimeout => "token_wait_timeout",
             Code::TooManyNewIdentities => "too_many_new_identities",
             Code::UpstreamNotAllowed => "upstream_not_allowed",
@@ -53,6 +55,7 @@ impl Code {
             Code::TokenExchangeFailed => 502,
             Code::TokenEndpointUnavailable
             | Code::SubjectSourceUnavailable
+            | Code::SubjectKeysUnavailable
             | Code::TokenWaitTimeout
             | Code::InternalError => 503,
         }

@@ -139,10 +139,10 @@ impl Refusal {
 
     /// The client's answer: 401 `subject_token_expired` for `expiry` (as for a header token
     /// that expired), 401 `invalid_subject_token` for every other check, and 503
-    /// `internal_error` while the JWKS has not been fetched.
+    /// `subject_keys_unavailable` while the JWKS has not been fetched.
     pub fn failure(&self) -> Failure {
         let code = match (self.kind, self.check) {
-            (RefusalKind::KeysUnavailable, _) => Code::InternalError,
+            (RefusalKind::KeysUnavailable, _) => Code::SubjectKeysUnavailable,
             (_, Check::Expiry) => Code::SubjectTokenExpired,
             _ => Code::InvalidSubjectToken,
         };

@@ -7,6 +7,7 @@ impl<H: Host> Coordinator<H> {
     /// This VM's queue woke up: start the fetches requests asked for.
     pub fn woken(&self, queue_id: u32) {
         self.host.drain_queue(queue_id);
+        self.maintain_keys(self.host.now_ms());
         let asked = std::mem::take(&mut *self.asked.borrow_mut());
         let table = self.table();
         for want in asked {
@@ -118,6 +119,7 @@ impl<H: Host> Coordinator<H> {
                     Fetch {
                         want,
                         step: Step::Exchange {
+                            subject: subject.cloned(),
                             subject_exp_s: exp_s,
                         },
                     },
@@ -186,7 +188,9 @@ impl<H: Host> Coordinator<H> {
 
     /// An HTTP callout came back.
     pub fn http_answer(&self, call_id: u32, body_size: usize) {
-        self.answered(call_id, CalloutAnswer::Http { body_size });
+        if !self.keys_answered(call_id, body_size) {
+            self.answered(call_id, CalloutAnswer::Http { body_size });
+        }
         self.adjust_tick();
     }
 
@@ -207,12 +211,15 @@ impl<H: Host> Coordinator<H> {
             Step::FetchSubject { then_exchange } => {
                 self.subject_fetched(&config, fetch.want, then_exchange, answer)
             }
-            Step::Exchange { subject_exp_s } => {
+            Step::Exchange {
+                subject,
+                subject_exp_s,
+            } => {
                 let body_size = match answer {
                     CalloutAnswer::Http { body_size } => body_size,
                     CalloutAnswer::Grpc { .. } => 0,
                 };
-                self.exchanged(fetch.want, subject_exp_s, body_size)
+                self.exchanged(&config, fetch.want, subject, subject_exp_s, body_size)
             }
         }
     }
@@ -265,6 +272,12 @@ impl<H: Host> Coordinator<H> {
                 )
             }
         };
+        let fetched = fetched.map_err(|e| e.failure()).and_then(|f| {
+            match self.check_subject(config, f.subject.expose(), now) {
+                Ok(_) => Ok(f),
+                Err(refused) => Err(self.refused_gateway_subject(config, refused)),
+            }
+        });
         match fetched {
             Ok(f) => {
                 self.count(Counter::SubjectFetchOk);
@@ -288,18 +301,26 @@ impl<H: Host> Coordinator<H> {
                     self.exchange(config, want, Some(&token), exp_s);
                 }
             }
-            Err(e) => {
+            Err(failure) => {
                 self.count(Counter::SubjectFetchFailed);
-                self.log_warn("subject_fetch_failed", format_args!("{e}"));
+                self.log_warn("subject_fetch_failed", format_args!("{}", failure.message));
                 // Also when only a periodic re-read failed: the identity backs off as a whole
                 // (a still-valid token stays in use), so the source is not asked again, for a
                 // re-read or a refresh, before the backoff ends.
-                self.fail(want.identity, e.failure(), None);
+                let retry = (failure.code == Code::SubjectKeysUnavailable).then_some(1);
+                self.fail(want.identity, failure, retry);
             }
         }
     }
 
-    pub(super) fn exchanged(&self, want: Want, subject_exp_s: Option<u64>, body_size: usize) {
+    pub(super) fn exchanged(
+        &self,
+        config: &Config,
+        want: Want,
+        subject: Option<Secret>,
+        subject_exp_s: Option<u64>,
+        body_size: usize,
+    ) {
         let identity = want.identity;
         let now = self.host.now_ms();
         let r = self
@@ -311,11 +332,27 @@ impl<H: Host> Coordinator<H> {
             Ok(issued) => issued,
             Err(e) => {
                 self.count(Counter::ExchangesFailed);
+                // What the filter can see of the subject, for an endpoint that only says no.
+                let facts = subject
+                    .as_ref()
+                    .and_then(|s| checks::Facts::read(s.expose()));
+                let local = match &config.expect {
+                    None => checks::diagnose::Local::NotConfigured,
+                    Some(expect) => checks::diagnose::Local::Passed {
+                        signature_checked: !matches!(expect.keys, checks::Keys::Unchecked),
+                    },
+                };
+                let failure =
+                    checks::diagnose::explain(&e, facts.as_ref(), &want.account, local, now / 1000);
                 self.log_warn(
                     "exchange_failed",
-                    format_args!("exchange for {} failed: {e}", identity.short()),
+                    format_args!(
+                        "exchange for {} failed: {}",
+                        identity.short(),
+                        failure.message
+                    ),
                 );
-                return self.fail(identity, e.failure(), e.retry_after_s());
+                return self.fail(identity, failure, e.retry_after_s());
             }
         };
         let end = lifetime::token_end_ms(now, issued.expires_in_s, subject_exp_s);

@@ -34,6 +34,7 @@
 //! fetches, exchanges and their outcomes, `tick.rs` what runs on the timer.
 
 mod fetch;
+mod keys;
 mod request;
 #[cfg(test)]
 mod tests;
@@ -47,6 +48,7 @@ use std::time::Duration;
 use crate::admission::{self, Admit};
 use crate::cache::{self, lookup, CachedToken, Lookup, Record, RecordMemo, SubjectRecord, Table};
 use crate::callers::{self, CallerSource};
+use crate::checks;
 use crate::config::{
     Account, Config, Handling, Limits, SubjectSource, PROVIDER_ENV, SERVICE_ACCOUNT_ENV,
 };
@@ -104,7 +106,7 @@ enum Seen {
 /// Subject tokens remembered per VM (each generation), and their bytes.
 const SUBJECT_MEMO_ENTRIES: usize = 1024;
 const SUBJECT_MEMO_BYTES: usize = 1 << 20;
-/// How long a refused subject token is answered from the memo.
+/// How long a subject token refused for its shape is answered from the memo.
 const REFUSAL_MEMO_MS: u64 = 10_000;
 
 /// A paused request.
@@ -160,8 +162,12 @@ struct Request {
 enum Step {
     /// Fetching the gateway's subject token; then exchange it, or (a periodic re-read) stop.
     FetchSubject { then_exchange: bool },
-    /// Exchanging a subject token whose `exp` is `subject_exp_s`.
-    Exchange { subject_exp_s: Option<u64> },
+    /// Exchanging `subject` (none in X.509 mode), whose `exp` is `subject_exp_s`; the subject
+    /// is kept to explain a refusal.
+    Exchange {
+        subject: Option<Secret>,
+        subject_exp_s: Option<u64>,
+    },
 }
 
 /// A gateway identity kept fresh: the account it is exchanged for, and the rule that chose it.
@@ -207,6 +213,12 @@ pub struct Coordinator<H: Host> {
     subjects: RefCell<Generations<Box<[u8]>, Seen>>,
     /// Cache slots this VM has decoded, by their bytes.
     records: RefCell<RecordMemo>,
+    /// The issuer's key set as this VM last parsed it (`expect.jwks_source`).
+    keys: RefCell<Option<keys::ParsedKeys>>,
+    /// A request asked for the key set to be fetched.
+    keys_asked: Cell<bool>,
+    /// The key set's callout in flight from this VM.
+    keys_call: Cell<Option<u32>>,
     waiting: RefCell<BTreeMap<IdentityKey, Waiters>>,
     /// Fetches requests asked for since the last wake-up.
     asked: RefCell<Vec<Want>>,
@@ -240,6 +252,9 @@ impl<H: Host> Coordinator<H> {
                 cache::RECORD_MEMO_ENTRIES,
                 cache::RECORD_MEMO_BYTES,
             )),
+            keys: RefCell::new(None),
+            keys_asked: Cell::new(false),
+            keys_call: Cell::new(None),
             waiting: RefCell::new(BTreeMap::new()),
             asked: RefCell::new(Vec::new()),
             fetches: RefCell::new(BTreeMap::new()),
@@ -366,6 +381,7 @@ impl<H: Host> Coordinator<H> {
         // What the memos remember was derived under the previous configuration.
         self.subjects.borrow_mut().clear();
         self.records.borrow_mut().clear();
+        *self.keys.borrow_mut() = None;
         lease::ensure_table(&self.host)
             .map_err(|e| format!("could not create the lease table: {e}"))?;
         let mut gateways = self.gateways.borrow_mut();

@@ -165,10 +165,25 @@ impl<H: Host> Coordinator<H> {
         }
     }
 
-    /// The identity of a request's own subject token, and the subject, or why it is refused.
-    /// A token this VM has seen is looked up by its bytes: it was checked then, and only its
-    /// expiry can have changed.
+    /// The identity of a request's own subject token, and the subject, or why it is refused
+    /// (with a `Retry-After` in seconds). A token this VM has seen is looked up by its bytes: it
+    /// was checked then, and only its expiry can have changed.
     fn header_identity(
+        &self,
+        config: &Config,
+        source: &header::Config,
+        account_index: usize,
+        account: &Account,
+        now: u64,
+    ) -> Result<(IdentityKey, Subject), (Failure, Option<u64>)> {
+        self.header_subject(config, source, account_index, account, now)
+            .map_err(|failure| {
+                let retry = (failure.code == Code::SubjectKeysUnavailable).then_some(1);
+                (failure, retry)
+            })
+    }
+
+    fn header_subject(
         &self,
         config: &Config,
         source: &header::Config,
@@ -180,58 +195,80 @@ impl<H: Host> Coordinator<H> {
         let Some(value) = self.host.request_header(name) else {
             return Err(header::missing(name));
         };
-        let mut memo = self.subjects.borrow_mut();
-        match memo.get(value.as_slice()) {
-            Some(Seen::Accepted {
-                subject,
-                identities,
-            }) => {
-                if subject.exp_s.is_some_and(|exp| exp <= now / 1000) {
-                    return Err(header::expired(name));
-                }
-                let identity = match identities.iter().find(|(i, _)| *i == account_index) {
-                    Some((_, identity)) => identity.clone(),
-                    None => {
-                        let identity = IdentityKey::for_subject(config, account, &subject.token);
-                        identities.push((account_index, identity.clone()));
-                        identity
+        // The memo is not borrowed across the checks: they may clear it (new keys).
+        if let Some(seen) = self.subjects.borrow_mut().get(value.as_slice()) {
+            match seen {
+                Seen::Accepted {
+                    subject,
+                    identities,
+                } => {
+                    if subject.exp_s.is_some_and(|exp| exp <= now / 1000) {
+                        return Err(header::expired(name));
                     }
-                };
-                return Ok((identity, subject.clone()));
+                    let identity = match identities.iter().find(|(i, _)| *i == account_index) {
+                        Some((_, identity)) => identity.clone(),
+                        None => {
+                            let identity =
+                                IdentityKey::for_subject(config, account, &subject.token);
+                            identities.push((account_index, identity.clone()));
+                            identity
+                        }
+                    };
+                    return Ok((identity, subject.clone()));
+                }
+                Seen::Refused { failure, until_ms } if now < *until_ms => {
+                    return Err(failure.clone());
+                }
+                Seen::Refused { .. } => {}
             }
-            Some(Seen::Refused { failure, until_ms }) if now < *until_ms => {
-                return Err(failure.clone());
-            }
-            _ => {}
         }
         let cost = 2 * value.len() + 160;
-        match header::accept(Some(&value), name, now / 1000) {
-            Ok((token, claims)) => {
-                let subject = Subject {
-                    token,
-                    exp_s: claims.exp,
-                };
-                let identity = IdentityKey::for_subject(config, account, &subject.token);
-                let seen = Seen::Accepted {
-                    subject: subject.clone(),
-                    identities: vec![(account_index, identity.clone())],
-                };
-                memo.insert(value.into_boxed_slice(), seen, cost);
-                Ok((identity, subject))
-            }
+        // The shape first, then the configured checks, before anything else sees the token.
+        let (token, claims) = match header::accept(Some(&value), name, now / 1000) {
+            Ok(accepted) => accepted,
             Err(failure) => {
-                // An expired token is refused by its `exp` (nothing to remember); anything
-                // else about the bytes will not change.
+                // An expired token is refused by its `exp`, nothing to remember; anything else
+                // about these bytes will not change.
                 if failure.code != Code::SubjectTokenExpired {
                     let seen = Seen::Refused {
                         failure: failure.clone(),
                         until_ms: now + REFUSAL_MEMO_MS,
                     };
-                    memo.insert(value.into_boxed_slice(), seen, cost);
+                    self.subjects
+                        .borrow_mut()
+                        .insert(value.into_boxed_slice(), seen, cost);
                 }
-                Err(failure)
+                return Err(failure);
+            }
+        };
+        match self.check_subject(config, token.expose(), now) {
+            Ok(_) => {}
+            // Not remembered: the keys are being fetched.
+            Err(keys::Refused::Retry(failure)) => return Err(failure),
+            Err(keys::Refused::Now { failure, until_ms }) => {
+                let seen = Seen::Refused {
+                    failure: failure.clone(),
+                    until_ms,
+                };
+                self.subjects
+                    .borrow_mut()
+                    .insert(value.into_boxed_slice(), seen, cost);
+                return Err(failure);
             }
         }
+        let subject = Subject {
+            token,
+            exp_s: claims.exp,
+        };
+        let identity = IdentityKey::for_subject(config, account, &subject.token);
+        let seen = Seen::Accepted {
+            subject: subject.clone(),
+            identities: vec![(account_index, identity.clone())],
+        };
+        self.subjects
+            .borrow_mut()
+            .insert(value.into_boxed_slice(), seen, cost);
+        Ok((identity, subject))
     }
 
     pub(super) fn authorise(
@@ -251,7 +288,7 @@ impl<H: Host> Coordinator<H> {
             SubjectSource::Header(h) => {
                 match self.header_identity(config, h, account_index, account, now) {
                     Ok((identity, subject)) => (identity, Some(subject)),
-                    Err(f) => return self.deny(context_id, &f, None),
+                    Err((f, retry)) => return self.deny(context_id, &f, retry),
                 }
             }
             _ => {

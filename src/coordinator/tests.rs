@@ -893,3 +893,210 @@ fn warm_path_counts_reach_envoy_on_the_next_tick() {
         "a VM that ends hands over what it holds"
     );
 }
+
+// Subject checks (`expect`): refused before any exchange, with the check named.
+
+mod checked {
+    use super::*;
+    use crate::checks::tests::{public_jwk, sign, AUD, EC, ISS, RSA_NEW, RSA_OLD};
+    use serde_json::{json, Value};
+
+    fn kid(private: &str) -> Value {
+        serde_json::from_str::<Value>(private).unwrap()["kid"].clone()
+    }
+
+    /// A token signed by `signer`, naming `named`'s kid, with `changes` to the good claims.
+    fn token(signer: &str, named: &str, changes: Value) -> String {
+        let alg = if signer == EC { "ES256" } else { "RS256" };
+        let now_s = T0 / 1000;
+        let mut claims = json!({"iss": ISS, "aud": AUD, "sub": "system:serviceaccount:ai:app",
+            "iat": now_s - 10, "exp": now_s + 3600});
+        for (k, v) in changes.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        sign(
+            signer,
+            &json!({"alg": alg, "kid": kid(named), "typ": "JWT"}),
+            &claims,
+        )
+    }
+
+    fn config(keys: &str) -> String {
+        HEADER_CONFIG.replacen(
+            '{',
+            &format!(
+                r#"{{"expect":{{"issuer":"{ISS}","audiences":["{AUD}"],
+                "claims":{{"sub":"system:serviceaccount:ai:*"}},{keys}}},"#
+            ),
+            1,
+        )
+    }
+
+    fn inline() -> String {
+        config(&format!(r#""jwks":{{"keys":[{}]}}"#, public_jwk(RSA_OLD)))
+    }
+
+    fn message(w: &Worker, id: u32) -> String {
+        let body: Value = serde_json::from_slice(&w.host().reply(id).unwrap().body).unwrap();
+        body["error"]["message"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_forged_or_mismatched_subject_is_refused_with_its_check_and_never_exchanged() {
+        let world = World::new(T0);
+        let w = Worker::new(&world, &inline());
+        let cases = [
+            (token(RSA_NEW, RSA_OLD, json!({})), "signature"),
+            (token(RSA_NEW, RSA_NEW, json!({})), "known_key"),
+            (
+                token(
+                    RSA_OLD,
+                    RSA_OLD,
+                    json!({"iss": "https://kubernetes.default.svc"}),
+                ),
+                "issuer",
+            ),
+            (token(RSA_OLD, RSA_OLD, json!({"aud": "other"})), "audience"),
+            (
+                token(
+                    RSA_OLD,
+                    RSA_OLD,
+                    json!({"sub": "system:serviceaccount:batch:job"}),
+                ),
+                "claim",
+            ),
+        ];
+        let mut id = 1;
+        for (bad, check) in &cases {
+            for _ in 0..3 {
+                assert_eq!(w.request(id, Some(bad)), Verdict::Pause);
+                assert_eq!(w.error_code(id).as_deref(), Some("invalid_subject_token"));
+                let m = message(&w, id);
+                assert!(m.contains(&format!("the {check} check")), "{check}: {m}");
+                assert!(!m.contains(bad.as_str()) && !m.contains("eyJ"), "{m}");
+                id += 1;
+            }
+        }
+        let issuer = message(&w, 7);
+        assert!(
+            issuer.contains("https://kubernetes.default.svc") && issuer.contains(ISS),
+            "observed and expected: {issuer}"
+        );
+        w.wake();
+        assert!(
+            w.exchanges().is_empty(),
+            "no refused subject reaches OpenAI"
+        );
+        assert_eq!(
+            w.host().counter("subjects_refused"),
+            cases.len() as u64,
+            "repeats are answered from the memo"
+        );
+        let good = token(RSA_OLD, RSA_OLD, json!({}));
+        assert_eq!(w.request(100, Some(&good)), Verdict::Pause);
+        w.wake();
+        assert_eq!(w.exchanges().len(), 1);
+    }
+
+    #[test]
+    fn the_issuers_keys_are_fetched_once_for_every_worker_and_again_for_a_new_kid() {
+        let world = World::new(T0);
+        let keys = r#""jwks_source":{"cluster":"issuer_keys","authority":"issuer.example","path":"/openid/v1/jwks"}"#;
+        let (a, b) = (
+            Worker::new(&world, &config(keys)),
+            Worker::new(&world, &config(keys)),
+        );
+        let good = token(RSA_OLD, RSA_OLD, json!({}));
+        // Before the keys are there: 503 with Retry-After, nothing remembered.
+        assert_eq!(a.request(1, Some(&good)), Verdict::Pause);
+        assert_eq!(a.error_code(1).as_deref(), Some("subject_keys_unavailable"));
+        let reply = a.host().reply(1).unwrap();
+        assert!(reply
+            .headers
+            .iter()
+            .any(|(k, v)| *k == "retry-after" && v == "1"));
+        a.tick();
+        b.tick();
+        let fetches = [a.calls_to("issuer_keys"), b.calls_to("issuer_keys")].concat();
+        assert_eq!(fetches.len(), 1, "one fetch for every worker");
+        let fetcher = if a.calls_to("issuer_keys").is_empty() {
+            &b
+        } else {
+            &a
+        };
+        let jwks = |keys: &[&str]| {
+            json!({"keys": keys.iter().map(|k| public_jwk(k)).collect::<Vec<_>>()}).to_string()
+        };
+        fetcher.answer(&fetches[0], "200", &jwks(&[RSA_OLD]));
+        assert_eq!(fetcher.host().counter("jwks_fetch_ok"), 1);
+        assert_eq!(a.request(2, Some(&good)), Verdict::Pause);
+        assert_eq!(b.request(3, Some(&good)), Verdict::Pause);
+        assert_eq!(a.host().reply(2), None, "waits for its exchange");
+        assert_eq!(b.host().reply(3), None);
+        // A token from the issuer's new key, right after the fetch: refused by its kid.
+        let rotated = token(RSA_NEW, RSA_NEW, json!({}));
+        assert_eq!(a.request(4, Some(&rotated)), Verdict::Pause);
+        assert_eq!(a.error_code(4).as_deref(), Some("invalid_subject_token"));
+        assert!(message(&a, 4).contains("known_key"), "{}", message(&a, 4));
+        // Once the keys may be fetched again, the new kid makes them be.
+        world.advance(Duration::from_secs(6));
+        assert_eq!(a.request(5, Some(&rotated)), Verdict::Pause);
+        assert_eq!(a.error_code(5).as_deref(), Some("subject_keys_unavailable"));
+        a.wake();
+        let again = a.calls_to("issuer_keys");
+        assert_eq!(again.len(), 2, "fetched again for the unknown kid");
+        a.answer(&again[1], "200", &jwks(&[RSA_OLD, RSA_NEW]));
+        assert_eq!(a.request(6, Some(&rotated)), Verdict::Pause);
+        assert_eq!(a.host().reply(6), None, "accepted: waits for its exchange");
+        assert_eq!(b.request(7, Some(&rotated)), Verdict::Pause);
+        assert_eq!(
+            b.host().reply(7),
+            None,
+            "the other worker sees the new keys"
+        );
+    }
+
+    #[test]
+    fn a_gateway_subject_that_fails_a_check_is_a_503_naming_it() {
+        let world = World::new(T0);
+        let config = KUBERNETES_CONFIG.replacen(
+            '{',
+            r#"{"expect":{"issuer":"https://kubernetes.default.svc"},"#,
+            1,
+        );
+        let w = Worker::new(&world, &config);
+        w.tick();
+        let fetch = w.calls_to("wif_token_file");
+        w.answer(&fetch[0], "200", &token(RSA_OLD, RSA_OLD, json!({})));
+        assert!(w.exchanges().is_empty());
+        assert_eq!(w.request(1, None), Verdict::Pause);
+        assert_eq!(
+            w.error_code(1).as_deref(),
+            Some("subject_source_unavailable")
+        );
+        let m = message(&w, 1);
+        assert!(m.contains("issuer check") && m.contains(ISS), "{m}");
+    }
+
+    #[test]
+    fn the_endpoints_generic_refusal_is_explained_with_what_the_filter_saw() {
+        let world = World::new(T0);
+        let w = Worker::new(&world, &inline());
+        let good = token(RSA_OLD, RSA_OLD, json!({}));
+        w.request(1, Some(&good));
+        w.wake();
+        w.answer(&w.exchanges()[0], "500", r#"{"error":"server_error"}"#);
+        assert_eq!(w.error_code(1).as_deref(), Some("token_exchange_failed"));
+        let m = message(&w, 1);
+        for part in [
+            ISS,
+            "system:serviceaccount:ai:app",
+            "wip_1",
+            "sa_1",
+            "local checks passed",
+        ] {
+            assert!(m.contains(part), "{part} in {m}");
+        }
+        assert!(!m.contains(good.as_str()));
+    }
+}

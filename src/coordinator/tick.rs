@@ -12,6 +12,7 @@ impl<H: Host> Coordinator<H> {
         self.flush_logs(now);
         self.sweep(now);
         self.poll_waiters();
+        self.maintain_keys(now);
         self.maintain_gateway();
         self.adjust_tick();
     }
@@ -135,6 +136,14 @@ impl<H: Host> Coordinator<H> {
                 self.release_source();
             }
             let _ = lease::release(&self.host, &fetch.want.identity, self.owner);
+        }
+        if self.keys_call.take().is_some() {
+            if let Some(Some(crate::checks::Keys::Source(source))) = self
+                .config()
+                .map(|c| c.expect.as_ref().map(|e| e.keys.clone()))
+            {
+                let _ = lease::release(&self.host, &IdentityKey::for_keys(&source), self.owner);
+            }
         }
     }
 }
