@@ -11,6 +11,7 @@ import threading
 import re
 import time
 
+import jwt
 import pytest
 
 from tests.harness import encode_request
@@ -227,7 +228,15 @@ def test_endpoint_rejection_is_an_error_and_nothing_is_forwarded(gw, standins, c
     assert r.status == 502, r.text
     err = error_of(r)
     assert err["code"] == "token_exchange_failed"
-    assert err["message"] == "OpenAI token exchange failed: the token endpoint answered HTTP 500"
+    # The endpoint's generic 500, explained with what the gateway can see, never the token.
+    message = err["message"]
+    assert message.startswith("OpenAI token exchange failed: the token endpoint answered HTTP 500; subject iss "), message
+    claims = jwt.decode(token, options={"verify_signature": False})
+    header = jwt.get_unverified_header(token)
+    for seen in (claims["iss"], claims["sub"], header["kid"], "alg RS256", "provider wip_header",
+                 "service account sa_header", "set expect to check issuer, audience and signature locally"):
+        assert seen in message, (seen, message)
+    assert token not in message and token.split(".")[2] not in message
     assert standins.openai.api_requests == []
 
 
