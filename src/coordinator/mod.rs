@@ -66,7 +66,7 @@ use crate::shared::{self, KEY_PREFIX};
 use crate::subject::{self, header, SourceCall, SourceResponse, MAX_SOURCE_RESPONSE_BYTES};
 
 /// Tick while requests wait on this VM: how soon a token fetched by another worker is seen.
-pub const FAST_TICK: Duration = Duration::from_millis(10);
+pub const FAST_TICK: Duration = Duration::from_millis(2);
 /// Tick otherwise: how precisely background refreshes start.
 pub const SLOW_TICK: Duration = Duration::from_millis(250);
 /// Lifetime assumed for a platform subject token without `exp`.
