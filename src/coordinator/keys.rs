@@ -23,6 +23,9 @@ pub const UNKNOWN_KID_REFETCH_MS: u64 = 5_000;
 const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// How long a subject refused by a check is answered from the memo.
 const REFUSED_FOR_MS: u64 = 10_000;
+/// How often a VM looks at the stored key set (it may be up to 64 KiB): other workers see a
+/// set fetched by one within this.
+const KEYS_READ_EVERY_MS: u64 = 1_000;
 
 /// The key set as stored in shared data.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -40,11 +43,14 @@ struct StoredKeys {
     failures: u32,
 }
 
-/// A key set parsed by this VM: the shared bytes it came from, and when it was fetched.
+/// A key set parsed by this VM: the shared bytes it came from, when it was fetched, when a
+/// fetch may be tried again, and when this VM read it.
 pub(super) struct ParsedKeys {
     bytes: Vec<u8>,
     jwks: Option<Rc<Jwks>>,
     fetched_at_ms: u64,
+    retry_at_ms: u64,
+    read_at_ms: u64,
 }
 
 /// Why a subject was not accepted.
@@ -67,7 +73,7 @@ impl<H: Host> Coordinator<H> {
             return Ok(None);
         };
         let fetched = match &expect.keys {
-            Keys::Source(_) => self.fetched_keys(),
+            Keys::Source(_) => self.fetched_keys(now),
             Keys::Unchecked | Keys::Inline(_) => None,
         };
         let jwks = fetched.as_ref().map(|(j, _)| &**j);
@@ -113,40 +119,53 @@ impl<H: Host> Coordinator<H> {
     }
 
     /// The fetched key set (`None` before the first successful fetch) and when it was fetched,
-    /// as this VM last parsed it; parsed again only when the stored bytes change.
-    fn fetched_keys(&self) -> Option<(Rc<Jwks>, u64)> {
-        let (bytes, _) = self.host.get(&jwks_key()).ok()??;
+    /// as this VM last read it (at most every [`KEYS_READ_EVERY_MS`]); parsed again only when
+    /// the stored bytes change.
+    fn fetched_keys(&self, now: u64) -> Option<(Rc<Jwks>, u64)> {
+        self.read_keys(now);
+        let parsed = self.keys.borrow();
+        let p = parsed.as_ref()?;
+        p.jwks.clone().map(|j| (j, p.fetched_at_ms))
+    }
+
+    fn read_keys(&self, now: u64) {
+        if self
+            .keys
+            .borrow()
+            .as_ref()
+            .is_some_and(|p| now < p.read_at_ms + KEYS_READ_EVERY_MS)
         {
-            let parsed = self.keys.borrow();
-            if let Some(p) = parsed.as_ref().filter(|p| p.bytes == bytes) {
-                return p.jwks.clone().map(|j| (j, p.fetched_at_ms));
-            }
+            return;
         }
-        let stored: StoredKeys = serde_json::from_slice(&bytes).ok()?;
+        let bytes = match self.host.get(&jwks_key()) {
+            Ok(Some((bytes, _))) => bytes,
+            _ => Vec::new(),
+        };
+        let mut parsed = self.keys.borrow_mut();
+        if let Some(p) = parsed.as_mut().filter(|p| p.bytes == bytes) {
+            p.read_at_ms = now;
+            return;
+        }
+        let stored: StoredKeys = serde_json::from_slice(&bytes).unwrap_or_default();
         let jwks = (!stored.document.is_empty())
             .then(|| Jwks::parse(stored.document.as_bytes()).ok())
             .flatten()
             .map(Rc::new);
-        let had_keys = self
-            .keys
-            .borrow()
+        let fetched_again = parsed
             .as_ref()
-            .is_some_and(|p| p.jwks.is_some());
-        let fetched_again = self
-            .keys
-            .borrow()
-            .as_ref()
-            .is_some_and(|p| p.fetched_at_ms != stored.fetched_at_ms);
-        if had_keys && fetched_again {
+            .is_some_and(|p| p.jwks.is_some() && p.fetched_at_ms != stored.fetched_at_ms);
+        *parsed = Some(ParsedKeys {
+            bytes,
+            jwks,
+            fetched_at_ms: stored.fetched_at_ms,
+            retry_at_ms: stored.retry_at_ms,
+            read_at_ms: now,
+        });
+        drop(parsed);
+        if fetched_again {
             // Subjects accepted under the old keys are checked again under the new ones.
             self.subjects.borrow_mut().clear();
         }
-        *self.keys.borrow_mut() = Some(ParsedKeys {
-            bytes,
-            jwks: jwks.clone(),
-            fetched_at_ms: stored.fetched_at_ms,
-        });
-        jwks.map(|j| (j, stored.fetched_at_ms))
     }
 
     /// Asks the root side to fetch the key set (a request cannot make the callout: it would
@@ -173,17 +192,22 @@ impl<H: Host> Coordinator<H> {
         if self.keys_call.get().is_some() {
             return;
         }
-        let stored: StoredKeys = shared::read(&self.host, &jwks_key())
-            .ok()
-            .flatten()
-            .map(|(s, _)| s)
-            .unwrap_or_default();
-        if now < stored.retry_at_ms {
+        if asked {
+            // What the request saw may be a second old: look again before fetching.
+            if let Some(p) = self.keys.borrow_mut().as_mut() {
+                p.read_at_ms = 0;
+            }
+        }
+        self.read_keys(now);
+        let (have, fetched_at_ms, retry_at_ms) = match self.keys.borrow().as_ref() {
+            Some(p) => (p.jwks.is_some(), p.fetched_at_ms, p.retry_at_ms),
+            None => (false, 0, 0),
+        };
+        if now < retry_at_ms {
             return;
         }
-        let have = !stored.document.is_empty();
-        let stale = now >= stored.fetched_at_ms + lifetime::millis(source.refresh_interval);
-        let refetch = asked && now >= stored.fetched_at_ms + UNKNOWN_KID_REFETCH_MS;
+        let stale = now >= fetched_at_ms + lifetime::millis(source.refresh_interval);
+        let refetch = asked && now >= fetched_at_ms + UNKNOWN_KID_REFETCH_MS;
         if have && !stale && !refetch {
             return;
         }
@@ -256,6 +280,11 @@ impl<H: Host> Coordinator<H> {
         });
         match written {
             Ok(_) => {
+                // Seen here at once; the other workers read it within a second.
+                if let Some(p) = self.keys.borrow_mut().as_mut() {
+                    p.read_at_ms = 0;
+                }
+                self.read_keys(now);
                 self.count(Counter::JwksFetchOk);
                 log::info!(
                     "openai_wif: fetched the issuer's keys from cluster {}: kids {:?}{}",
@@ -289,6 +318,9 @@ impl<H: Host> Coordinator<H> {
             next.retry_at_ms = now + lifetime::backoff_ms(next.failures, None, jitter);
             Some(next)
         });
+        if let Some(p) = self.keys.borrow_mut().as_mut() {
+            p.read_at_ms = 0;
+        }
     }
 
     /// The 503 (or 401) for a gateway subject that failed a check.

@@ -1029,6 +1029,8 @@ mod checked {
         };
         fetcher.answer(&fetches[0], "200", &jwks(&[RSA_OLD]));
         assert_eq!(fetcher.host().counter("jwks_fetch_ok"), 1);
+        // The other worker reads the stored set within a second.
+        world.advance(Duration::from_secs(1));
         assert_eq!(a.request(2, Some(&good)), Verdict::Pause);
         assert_eq!(b.request(3, Some(&good)), Verdict::Pause);
         assert_eq!(a.host().reply(2), None, "waits for its exchange");
