@@ -1,6 +1,9 @@
 """Tests of the stand-ins themselves: they must follow the documented protocols, or the end-to-end
 tests prove nothing."""
 
+import base64
+import hashlib
+import hmac
 import http.client
 import json
 import os
@@ -16,6 +19,8 @@ from urllib.parse import urlencode
 import grpc
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.harness import RawConnection, encode_chunks, encode_request, raw_request
 from spiffe import WorkloadApiClient
@@ -24,7 +29,8 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 from tests.standins import Standins
 from tests.standins.azure_imds import AzureImdsStandin
 from tests.standins.gcp_metadata import GcpMetadataStandin
-from tests.standins.issuer import Issuer
+from tests.standins.issuer import Issuer, compact
+from tests.standins.jwks import JwksStandin
 from tests.standins.kubelet import ProjectedTokenDir
 from tests.standins.openai import GRANT_TYPE, OpenAIStandin, claim_matches, mapping
 from tests.standins.spiffe import SpiffeStandin
@@ -275,6 +281,124 @@ def test_exchange_hold_keeps_exchanges_waiting_until_released(openai, issuer):
     openai.hold()
     openai.reset()  # a test that ends holding leaves no exchange stuck
     assert exchange(openai, token)[0] == 200
+
+
+def test_exchange_answers_oauth_errors_when_asked(openai, issuer):
+    openai.oauth_errors = True
+    cases = [(exchange_body(issuer.mint(SUB, AUD), service_account_id="sa_other"), 400, "invalid_grant"),
+             (exchange_body(issuer.mint("spiffe://example.com/ns/other/sa/x", AUD)), 400, "invalid_grant"),
+             (exchange_body(issuer.mint(SUB, AUD), grant_type="client_credentials"), 400, "invalid_request"),
+             (exchange_body(issuer.mint_wrong_signature(SUB, AUD)), 401, "invalid_subject_token"),
+             (exchange_body(issuer.mint_expired(SUB, AUD)), 401, "invalid_subject_token")]
+    for body, status, error in cases:
+        answer_status, _, answer = call(openai.port, "POST", "/oauth/token", body)
+        answer = json.loads(answer)
+        assert (answer_status, answer["error"]) == (status, error), (openai.last_rejection, answer)
+        assert set(answer) == {"error", "error_description"} and answer["error_description"]
+    assert openai.exchanges_ok == 0
+    openai.reset()
+    assert exchange(openai, issuer.mint(SUB, AUD), service_account_id="sa_other")[0] == 500
+
+
+# Rotating issuers and their jwks_uri
+
+
+def test_issuer_rotation_signs_with_a_new_kid_and_keeps_publishing_the_old_keys():
+    rotating = Issuer("https://rotating.example.com")
+    first = rotating.kid
+    old_token = rotating.mint(SUB, AUD)
+    second = rotating.rotate()
+    new_token = rotating.mint(SUB, AUD)
+    assert second != first and rotating.kid == second and rotating.kids == [first, second]
+    assert [k["kid"] for k in rotating.jwks()["keys"]] == [first, second]
+    assert rotating.public_jwk(first)["n"] != rotating.public_jwk(second)["n"]
+    assert rotating.public_jwk() == rotating.public_jwk(second)
+    for token, kid in ((old_token, first), (new_token, second)):
+        assert jwt.get_unverified_header(token)["kid"] == kid
+        jwt.decode(token, jwt.PyJWK(rotating.public_jwk(kid)).key, algorithms=["RS256"], audience=AUD)
+        with pytest.raises(jwt.InvalidSignatureError):
+            other = first if kid == second else second
+            jwt.decode(token, jwt.PyJWK(rotating.public_jwk(other)).key, algorithms=["RS256"], audience=AUD)
+
+
+def test_issuer_token_signs_any_header_with_any_key(issuer):
+    claims = issuer.claims(SUB, AUD)
+    token = issuer.token(claims, header={"typ": None, "kid": "../../etc/passwd", "x": 1})
+    assert jwt.get_unverified_header(token) == {"alg": "RS256", "kid": "../../etc/passwd", "x": 1}
+    jwt.decode(token, jwt.PyJWK(issuer.public_jwk()).key, algorithms=["RS256"], audience=AUD)
+
+    pem = jwt.PyJWK(issuer.public_jwk()).key.public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    confused = issuer.token(claims, key=pem, alg="HS256")
+    signing_input, _, signature = confused.rpartition(".")
+    expected = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
+    assert jwt.get_unverified_header(confused)["alg"] == "HS256"
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    es = issuer.token(claims, key=ec_key, alg="ES256")
+    jwt.decode(es, ec_key.public_key(), algorithms=["ES256"], audience=AUD)
+    assert len(base64.urlsafe_b64decode(es.rsplit(".", 1)[1] + "==")) == 64  # r || s, as JWS wants
+
+    unsigned = compact({"alg": "none"}, claims)
+    assert unsigned.endswith(".") and jwt.decode(unsigned, options={"verify_signature": False})["sub"] == SUB
+    assert compact("not json", "{}", b"sig").split(".")[0] == "bm90IGpzb24"
+
+
+@pytest.fixture
+def jwks_server():
+    rotating = Issuer("https://rotating.example.com")
+    with JwksStandin(rotating) as server:
+        yield server
+
+
+def test_jwks_standin_serves_the_issuers_current_keys_and_counts_fetches(jwks_server):
+    status, headers, body = call(jwks_server.port, "GET", "/openid/v1/jwks")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(body) == jwks_server.issuer.jwks() and len(json.loads(body)["keys"]) == 1
+    new_kid = jwks_server.issuer.rotate()
+    status, _, body = call(jwks_server.port, "GET", "/openid/v1/jwks")
+    assert [k["kid"] for k in json.loads(body)["keys"]][-1] == new_kid and len(json.loads(body)["keys"]) == 2
+    assert jwks_server.fetches == 2 and len(jwks_server.fetch_log) == 2
+    last = jwks_server.fetch_log[-1]
+    assert jwks_server.last_answered_at() == last["answered"] >= last["time"]
+    assert call(jwks_server.port, "GET", "/other")[0] == 404
+    assert call(jwks_server.port, "POST", "/openid/v1/jwks", body={})[0] == 405
+    assert jwks_server.fetches == 2, "only GETs of the key set are fetches"
+    jwks_server.set_fault("500")
+    assert call(jwks_server.port, "GET", "/openid/v1/jwks")[0] == 500
+    jwks_server.set_fault("garbage")
+    status, _, body = call(jwks_server.port, "GET", "/openid/v1/jwks")
+    assert status == 200 and not body.endswith(b"}")
+    jwks_server.reset()
+    assert jwks_server.fetches == 0 and jwks_server.fault is None
+
+
+def test_jwks_standin_holds_fetches_until_released(jwks_server):
+    jwks_server.hold()
+    answers = []
+    thread = threading.Thread(target=lambda: answers.append(call(jwks_server.port, "GET", "/openid/v1/jwks")[0]))
+    thread.start()
+    assert jwks_server.wait_for_fetches(1, timeout_s=5), "a held fetch is counted as it arrives"
+    assert not jwks_server.wait_for_fetches(2, timeout_s=0.05)
+    assert answers == [] and jwks_server.last_answered_at() is None
+    jwks_server.release()
+    thread.join(5)
+    assert answers == [200] and jwks_server.last_answered_at() is not None
+
+
+def test_provider_trusts_a_rotated_key_once_its_keys_are_set(openai):
+    rotating = Issuer("https://rotating.example.com")
+    openai.add_provider("wip_rotating", rotating, AUD, [mapping("sa_rotating", sub=SUB)])
+    body = {"identity_provider_id": "wip_rotating", "service_account_id": "sa_rotating"}
+    rotating.rotate()
+    assert exchange(openai, rotating.mint(SUB, AUD), **body)[0] == 500
+    assert openai.last_rejection == "unknown_kid"
+    openai.set_provider_keys("wip_rotating", rotating)
+    assert exchange(openai, rotating.mint(SUB, AUD), **body)[0] == 200
+    rotating.rotate()  # later rotations, too: the provider's keys are a snapshot until set again
+    assert exchange(openai, rotating.mint(SUB, AUD), **body)[0] == 500
+    del openai.providers["wip_rotating"]
 
 
 # API

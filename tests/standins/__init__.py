@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from .azure_imds import DEFAULT_IDENTITY, DEFAULT_TENANT, AzureImdsStandin
 from .gcp_metadata import GcpMetadataStandin
 from .issuer import Issuer
+from .jwks import JwksStandin
 from .kubelet import ProjectedTokenDir
 from .openai import OpenAIStandin, mapping
 from .spiffe import MAX_UNIX_SOCKET_PATH, SpiffeStandin
@@ -140,6 +141,6 @@ class Standins:
         self.stop_all()
 
 
-__all__ = ["Standins", "Wiring", "Issuer", "OpenAIStandin", "GcpMetadataStandin", "AzureImdsStandin",
-           "SpiffeStandin", "ProjectedTokenDir", "OPENAI_AUDIENCE", "AZURE_RESOURCE", "TEAM_ACCOUNTS",
-           "BATCH_PROVIDER", "K8S_SUB"]
+__all__ = ["Standins", "Wiring", "Issuer", "JwksStandin", "OpenAIStandin", "GcpMetadataStandin",
+           "AzureImdsStandin", "SpiffeStandin", "ProjectedTokenDir", "OPENAI_AUDIENCE", "AZURE_RESOURCE",
+           "TEAM_ACCOUNTS", "BATCH_PROVIDER", "K8S_SUB"]

@@ -15,7 +15,12 @@ on every token-endpoint answer (values are str sent as latin-1, so "\\xff" is th
 its status and headers before it reads the request body, then sends `{"object": "upload", "bytes": n}`
 once the body has arrived (an upstream that answers before the request has ended); `hold()`, every
 exchange waits at the door (already counted in `exchanges`) until `release()`, so a test knows an
-exchange is in flight for as long as it needs, rather than for as long as a sleep lasts.
+exchange is in flight for as long as it needs, rather than for as long as a sleep lasts;
+`oauth_errors`, a refused exchange is answered with an OAuth error `{"error", "error_description"}`
+(400 `invalid_grant` for the provider, service account or mapping, 400 `invalid_request` for the
+request, 401 `invalid_subject_token` for the token) instead of the generic 500, as OAuth token
+endpoints do. `set_provider_keys(provider_id, issuer)` makes a provider trust the issuer's key set as
+it is now (after `issuer.rotate()`: the provider's JWKS refreshed).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ FAULTS = (None, "500", "429", "slow", "garbage", "html", "reset", "no_expires_in
 
 GENERIC_500 = {"error": {"message": "The server had an error while processing your request.",
                          "type": "server_error", "param": None, "code": None}}
+
+# With `oauth_errors`: the OAuth error for each kind of rejection (the rest: invalid_subject_token).
+OAUTH_GRANT_REASONS = ("unknown_identity_provider", "unknown_service_account", "no_matching_mapping")
+OAUTH_REQUEST_REASONS = ("bad_content_type", "bad_json", "unsupported_grant_type", "unsupported_subject_token_type")
 
 
 class Rejected(Exception):
@@ -126,6 +135,7 @@ class OpenAIStandin(HttpStandin):
         self.api_force_401 = False
         self.token_headers: list = []  # (name, value) added to every token-endpoint answer
         self.answer_early = False
+        self.oauth_errors = False
         self._released.set()
 
     def set_fault(self, fault, times=None, **settings):
@@ -148,6 +158,11 @@ class OpenAIStandin(HttpStandin):
 
     def add_provider(self, provider_id: str, issuer, audience: str, mappings: list):
         self.providers[provider_id] = provider(issuer, audience, mappings)
+
+    def set_provider_keys(self, provider_id: str, issuer):
+        """The provider trusts the issuer's key set as it is now (its JWKS refreshed after a rotation)."""
+        with self._lock:
+            self.providers[provider_id] = {**self.providers[provider_id], "jwks": issuer.jwks()}
 
     def issue_token(self, sub: str, service_account_id: str, identity_provider_id: str, lifetime_s: float = 3600) -> str:
         token = "oaiwif_" + secrets.token_urlsafe(32)
@@ -262,6 +277,8 @@ class OpenAIStandin(HttpStandin):
             sub, service_account_id, provider_id, remaining = self._validate(request, body)
         except Rejected as rejection:
             self._log_exchange(body, False, rejection.reason, rejection.detail)
+            if self.oauth_errors:
+                return self._oauth_error(rejection)
             return Reply.json(500, GENERIC_500)
 
         cap = self.expires_in_override if self.expires_in_override is not None else self.default_expires_in
@@ -283,6 +300,17 @@ class OpenAIStandin(HttpStandin):
         self._log_exchange(body, fault is None or fault in ("slow", "no_expires_in"),
                            None if fault in (None, "slow") else "fault:" + fault)
         return Reply.json(200, response, [("Cache-Control", "no-store")])
+
+    @staticmethod
+    def _oauth_error(rejection: Rejected) -> Reply:
+        reason = rejection.reason
+        if reason in OAUTH_GRANT_REASONS:
+            status, error = 400, "invalid_grant"
+        elif reason in OAUTH_REQUEST_REASONS or reason.startswith("missing_field:"):
+            status, error = 400, "invalid_request"
+        else:
+            status, error = 401, "invalid_subject_token"
+        return Reply.json(status, {"error": error, "error_description": reason.replace("_", " ")})
 
     def _validate(self, request: Request, body):
         content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
