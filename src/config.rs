@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod json_path;
+
 pub use crate::subject::SubjectSource;
 use crate::subject::{self, RawSource};
 
