@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use openai_wif::admission::{self, Admit};
 use openai_wif::authority;
 use openai_wif::cache::{self, CachedToken, Lookup, Record, Table};
-use openai_wif::config::{Config, Scope, SubjectSource};
+use openai_wif::config::{self, Config, Scope, SubjectSource};
 use openai_wif::exchange;
 use openai_wif::identity::IdentityKey;
 use openai_wif::jwt;
@@ -979,6 +979,53 @@ fn fuzz_config_parse() {
                 }
             }
             Ok(())
+        },
+    );
+}
+
+/// A field as configuration errors name it: `(top level)`, or keys joined by `.` with `[n]`
+/// indices, never empty. (Keys may hold any character, `.` and `[` too, so only the outline
+/// is checked.)
+fn well_formed_field(field: &str) -> bool {
+    field == "(top level)" || (!field.is_empty() && !field.contains("(top level)"))
+}
+
+#[test]
+fn fuzz_config_syntax_error_field() {
+    let seeds: Vec<Vec<u8>> = CONFIGS.iter().map(|s| s.as_bytes().to_vec()).collect();
+    fuzz(
+        "config::json_path",
+        |rng| {
+            let input = json_input(rng, &seeds);
+            let end = rng.below(input.len() + 2);
+            (input, end)
+        },
+        |(input, end)| format!("{} at {end}", lit(input)),
+        |(input, end)| {
+            // Any position in any text: a path, without panicking.
+            let eof = end % 2 == 0;
+            let p = config::json_path::path(input, *end, eof);
+            if p != config::json_path::path(input, (*end).min(input.len()), eof) {
+                return Err("a position past the end is not the end".into());
+            }
+            if p.contains("(top level)") && !input.windows(11).any(|w| w == b"(top level)") {
+                return Err(format!("path {p:?}"));
+            }
+            match Config::parse(input) {
+                Err(config::ConfigError::Syntax { field, reason }) => {
+                    if field != "(top level)" {
+                        accepted();
+                    }
+                    if !well_formed_field(&field) {
+                        return Err(format!("syntax error at {field:?}"));
+                    }
+                    if !reason.contains(" at line ") {
+                        return Err(format!("{field}: {reason:?} gives no position"));
+                    }
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
         },
     );
 }
