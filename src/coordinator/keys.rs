@@ -192,23 +192,25 @@ impl<H: Host> Coordinator<H> {
         if self.keys_call.get().is_some() {
             return;
         }
-        if asked {
-            // What the request saw may be a second old: look again before fetching.
-            if let Some(p) = self.keys.borrow_mut().as_mut() {
-                p.read_at_ms = 0;
-            }
-        }
-        self.read_keys(now);
-        let (have, fetched_at_ms, retry_at_ms) = match self.keys.borrow().as_ref() {
-            Some(p) => (p.jwks.is_some(), p.fetched_at_ms, p.retry_at_ms),
-            None => (false, 0, 0),
+        let due = || {
+            let (have, fetched_at_ms, retry_at_ms) = match self.keys.borrow().as_ref() {
+                Some(p) => (p.jwks.is_some(), p.fetched_at_ms, p.retry_at_ms),
+                None => (false, 0, 0),
+            };
+            let stale = now >= fetched_at_ms + lifetime::millis(source.refresh_interval);
+            let refetch = asked && now >= fetched_at_ms + UNKNOWN_KID_REFETCH_MS;
+            now >= retry_at_ms && (!have || stale || refetch)
         };
-        if now < retry_at_ms {
+        self.read_keys(now);
+        if !due() {
             return;
         }
-        let stale = now >= fetched_at_ms + lifetime::millis(source.refresh_interval);
-        let refetch = asked && now >= fetched_at_ms + UNKNOWN_KID_REFETCH_MS;
-        if have && !stale && !refetch {
+        // What this VM read may be a second old: another worker may have just stored a set.
+        if let Some(p) = self.keys.borrow_mut().as_mut() {
+            p.read_at_ms = 0;
+        }
+        self.read_keys(now);
+        if !due() {
             return;
         }
         let lease_key = IdentityKey::for_keys(source);

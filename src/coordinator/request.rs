@@ -223,42 +223,50 @@ impl<H: Host> Coordinator<H> {
             }
         }
         let cost = 2 * value.len() + 160;
-        // The shape first, then the configured checks, before anything else sees the token.
-        let (token, claims) = match header::accept(Some(&value), name, now / 1000) {
-            Ok(accepted) => accepted,
-            Err(failure) => {
-                // An expired token is refused by its `exp`, nothing to remember; anything else
-                // about these bytes will not change.
-                if failure.code != Code::SubjectTokenExpired {
-                    let seen = Seen::Refused {
-                        failure: failure.clone(),
-                        until_ms: now + REFUSAL_MEMO_MS,
-                    };
-                    self.subjects
-                        .borrow_mut()
-                        .insert(value.into_boxed_slice(), seen, cost);
-                }
-                return Err(failure);
-            }
+        let remember_refusal = |failure: &Failure, until_ms: u64| {
+            let seen = Seen::Refused {
+                failure: failure.clone(),
+                until_ms,
+            };
+            self.subjects
+                .borrow_mut()
+                .insert(value.clone().into_boxed_slice(), seen, cost);
         };
-        match self.check_subject(config, token.expose(), now) {
-            Ok(_) => {}
-            // Not remembered: the keys are being fetched.
-            Err(keys::Refused::Retry(failure)) => return Err(failure),
-            Err(keys::Refused::Now { failure, until_ms }) => {
-                let seen = Seen::Refused {
-                    failure: failure.clone(),
-                    until_ms,
-                };
-                self.subjects
-                    .borrow_mut()
-                    .insert(value.into_boxed_slice(), seen, cost);
-                return Err(failure);
+        let subject = if config.expect.is_some() {
+            // The configured checks judge the token, each refusal naming its check.
+            let token = header::text(Some(&value), name).inspect_err(|f| {
+                remember_refusal(f, now + REFUSAL_MEMO_MS);
+            })?;
+            match self.check_subject(config, token, now) {
+                Ok(verified) => Subject {
+                    token: Secret::new(token),
+                    exp_s: verified.map(|v| v.exp_s),
+                },
+                // Not remembered: the keys are being fetched.
+                Err(keys::Refused::Retry(failure)) => return Err(failure),
+                Err(keys::Refused::Now { failure, until_ms }) => {
+                    // An expired token is refused by its `exp`: nothing to remember.
+                    if failure.code != Code::SubjectTokenExpired {
+                        remember_refusal(&failure, until_ms);
+                    }
+                    return Err(failure);
+                }
             }
-        }
-        let subject = Subject {
-            token,
-            exp_s: claims.exp,
+        } else {
+            match header::accept(Some(&value), name, now / 1000) {
+                Ok((token, claims)) => Subject {
+                    token,
+                    exp_s: claims.exp,
+                },
+                Err(failure) => {
+                    // An expired token is refused by its `exp`, nothing to remember; anything
+                    // else about these bytes will not change.
+                    if failure.code != Code::SubjectTokenExpired {
+                        remember_refusal(&failure, now + REFUSAL_MEMO_MS);
+                    }
+                    return Err(failure);
+                }
+            }
         };
         let identity = IdentityKey::for_subject(config, account, &subject.token);
         let seen = Seen::Accepted {

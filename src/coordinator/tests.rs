@@ -999,6 +999,30 @@ mod checked {
     }
 
     #[test]
+    fn with_expect_every_refusal_names_its_check_even_for_the_shape() {
+        let world = World::new(T0);
+        let w = Worker::new(&world, &inline());
+        let expired = token(
+            RSA_OLD,
+            RSA_OLD,
+            json!({"iat": T0 / 1000 - 100, "exp": T0 / 1000 - 1}),
+        );
+        let cases = [
+            ("not-a-jwt", "invalid_subject_token", "well_formed"),
+            ("e30.e30.c2ln", "invalid_subject_token", "algorithm"),
+            (expired.as_str(), "subject_token_expired", "expiry"),
+        ];
+        for (id, (bad, code, check)) in (1..).zip(cases) {
+            assert_eq!(w.request(id, Some(bad)), Verdict::Pause);
+            assert_eq!(w.error_code(id).as_deref(), Some(code));
+            let m = message(&w, id);
+            assert!(m.contains(&format!("the {check} check")), "{check}: {m}");
+        }
+        assert_eq!(w.request(9, Some("")), Verdict::Pause);
+        assert_eq!(w.error_code(9).as_deref(), Some("missing_subject_token"));
+    }
+
+    #[test]
     fn the_issuers_keys_are_fetched_once_for_every_worker_and_again_for_a_new_kid() {
         let world = World::new(T0);
         let keys = r#""jwks_source":{"cluster":"issuer_keys","authority":"issuer.example","path":"/openid/v1/jwks"}"#;
@@ -1029,6 +1053,12 @@ mod checked {
         };
         fetcher.answer(&fetches[0], "200", &jwks(&[RSA_OLD]));
         assert_eq!(fetcher.host().counter("jwks_fetch_ok"), 1);
+        // The other worker read "no keys" a moment ago; its next tick looks again, not fetches.
+        world.advance(Duration::from_millis(250));
+        a.tick();
+        b.tick();
+        let all = [a.calls_to("issuer_keys"), b.calls_to("issuer_keys")].concat();
+        assert_eq!(all.len(), 1, "no second fetch at start-up");
         // The other worker reads the stored set within a second.
         world.advance(Duration::from_secs(1));
         assert_eq!(a.request(2, Some(&good)), Verdict::Pause);

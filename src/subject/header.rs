@@ -71,6 +71,36 @@ pub fn accept(value: Option<&[u8]>, header: &str, now_s: u64) -> Result<(Secret,
     Ok((Secret::new(value), claims))
 }
 
+/// The header's value as a token to check: present, text, not empty, not oversized. What makes
+/// it a usable JWT is left to the subject checks (`expect`), whose refusals name the check.
+pub fn text<'v>(value: Option<&'v [u8]>, header: &str) -> Result<&'v str, Failure> {
+    let value = value.ok_or_else(|| missing(header))?;
+    let value = std::str::from_utf8(value)
+        .map_err(|_| {
+            Failure::new(
+                Code::InvalidSubjectToken,
+                format!("the subject token in {header} is not valid: it is not text"),
+            )
+        })?
+        .trim();
+    if value.is_empty() {
+        return Err(Failure::new(
+            Code::MissingSubjectToken,
+            format!("the {header} header is empty"),
+        ));
+    }
+    if value.len() > jwt::MAX_TOKEN_BYTES {
+        return Err(Failure::new(
+            Code::InvalidSubjectToken,
+            format!(
+                "the subject token in {header} is not valid: {}",
+                JwtError::TooLarge
+            ),
+        ));
+    }
+    Ok(value)
+}
+
 /// The refusal of a request without the header.
 pub fn missing(header: &str) -> Failure {
     Failure::new(
