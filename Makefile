@@ -4,7 +4,8 @@
 SHELL        := bash
 .SHELLFLAGS  := -eu -o pipefail -c
 TARGET       := wasm32-wasip1
-MODULE       := target/$(TARGET)/release/openai_wif.wasm
+BUILT        := target/$(TARGET)/release/openai_wif.wasm
+MODULE       := target/openai_wif.wasm
 VENV         := .venv
 PY           := $(VENV)/bin/python
 STAMP        := $(VENV)/.installed
@@ -28,8 +29,9 @@ $(STAMP): tests/requirements.txt
 	touch $@
 
 .PHONY: build
-build: setup ## Build the filter: target/wasm32-wasip1/release/openai_wif.wasm
+build: setup ## Build the filter: target/openai_wif.wasm (cargo, then wasm-opt -Oz)
 	cargo build --release --target $(TARGET)
+	$(PY) -m tools.wasm_opt $(BUILT) $(MODULE)
 	@ls -l $(MODULE)
 
 .PHONY: demo

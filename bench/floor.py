@@ -16,6 +16,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tools import wasm_opt
+
 from .machine import REPO
 
 SOURCE = REPO / "bench" / "floor"
@@ -63,7 +65,9 @@ def module(variant: str = "floor") -> Path:
     if completed.returncode != 0:
         raise FloorBuildError(f"building the floor module ({variant}) failed:\n{completed.stderr[-3000:]}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(TARGET_DIR / TRIPLE / "release" / "bench_floor.wasm", out)
+    # Shrunk like the filter's module (tools.wasm_opt), so both run code made the same way.
+    if wasm_opt.optimise(TARGET_DIR / TRIPLE / "release" / "bench_floor.wasm", out) != 0:
+        raise FloorBuildError(f"wasm-opt failed on the floor module ({variant})")
     return out
 
 

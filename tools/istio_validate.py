@@ -989,7 +989,7 @@ ID_ENV = {"identity_provider_id": "OPENAI_IDENTITY_PROVIDER_ID", "service_accoun
 # What `make pin` / `python -m tools.oci_image --pin` rewrites: the committed placeholders.
 PLACEHOLDER_DIGEST = "0" * 64
 PLACEHOLDER_MARK = re.compile(r"<[^>]*>")  # e.g. ghcr.io/<org>/openai-wif
-PIN_COMMAND = ("python -m tools.oci_image --module target/wasm32-wasip1/release/openai_wif.wasm "
+PIN_COMMAND = ("python -m tools.oci_image --module target/openai_wif.wasm "
                "--out target/oci-image --pin istio --repository ghcr.io/<org>/openai-wif")
 # Labels every root-namespace selector must carry: both labels the istio/gateway Helm chart sets on
 # the pods of a release (app: <release>, istio: <release without "istio-">).

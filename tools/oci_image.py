@@ -1,6 +1,6 @@
 """The filter as an OCI image for Istio's WasmPlugin, written without docker.
 
-    python -m tools.oci_image --module target/wasm32-wasip1/release/openai_wif.wasm --out target/oci-image
+    python -m tools.oci_image --module target/openai_wif.wasm --out target/oci-image
         [--tag 0.1.0] [--pin istio [--repository ghcr.io/acme/openai-wif]]
 
 Writes an OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/...`) in the "compat"

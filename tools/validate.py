@@ -23,7 +23,7 @@ from pathlib import Path
 from tools import envoy_config
 
 REPO = envoy_config.REPO
-MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "openai_wif.wasm"
+MODULE = REPO / "target" / "openai_wif.wasm"
 DEPLOYED_MODULE = "/etc/envoy/openai_wif.wasm"
 DEPLOYED_TOKEN_DIR = "/var/run/secrets/tokens"
 DEPLOYED_SDS_DIR = str(Path(envoy_config.Params.client_cert_sds_file).parent)

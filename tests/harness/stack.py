@@ -24,7 +24,7 @@ from tools import envoy_config
 from .envoy import Envoy, EnvoyError
 
 REPO = Path(__file__).resolve().parent.parent.parent
-MODULE = REPO / "target" / "wasm32-wasip1" / "release" / "openai_wif.wasm"
+MODULE = REPO / "target" / "openai_wif.wasm"
 
 # The stand-ins' name for the platform behind each subject-token source.
 PLATFORM = {"header": "header", "kubernetes": "k8s", "gcp_metadata": "gcp", "azure_imds": "azure", "spiffe": "spiffe"}
