@@ -407,3 +407,375 @@ fn mgf1(hash: Hash, seed: &[u8], len: usize) -> Vec<u8> {
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use rsa::{BigUint, Pkcs1v15Sign, Pss, RsaPrivateKey};
+    use serde_json::Value;
+
+    use super::super::tests::{RSA_NEW, RSA_OLD};
+    use super::*;
+
+    const RSA_4096: &str = include_str!("../../tests/fixtures/rsa-4096.private.jwk.json");
+    const RSA_E3: &str = include_str!("../../tests/fixtures/rsa-2048-e3.private.jwk.json");
+    const RSA_2049: &str = include_str!("../../tests/fixtures/rsa-2049.private.jwk.json");
+    const KNOWN_ANSWERS: &str = include_str!("../../tests/fixtures/rsa-known-answers.json");
+
+    const ALGS: [&str; 6] = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"];
+
+    fn unb64(s: &str) -> Vec<u8> {
+        URL_SAFE_NO_PAD.decode(s).unwrap()
+    }
+
+    fn field(key: &Value, name: &str) -> Vec<u8> {
+        unb64(key[name].as_str().unwrap())
+    }
+
+    fn e_of(key: &Value) -> u32 {
+        field(key, "e")
+            .iter()
+            .fold(0, |acc, &b| (acc << 8) | u32::from(b))
+    }
+
+    fn public(private: &str) -> PublicKey {
+        let key: Value = serde_json::from_str(private).unwrap();
+        PublicKey::new(&field(&key, "n"), e_of(&key)).unwrap()
+    }
+
+    fn private(private: &str) -> RsaPrivateKey {
+        let key: Value = serde_json::from_str(private).unwrap();
+        let big = |n: &str| BigUint::from_bytes_be(&field(&key, n));
+        RsaPrivateKey::from_components(big("n"), big("e"), big("d"), vec![big("p"), big("q")])
+            .unwrap()
+    }
+
+    /// xorshift64*, for messages, salts and bits to flip: tests must not depend on the host's
+    /// randomness.
+    struct Rng(u64);
+
+    impl rsa::rand_core::RngCore for Rng {
+        fn next_u32(&mut self) -> u32 {
+            (self.next_u64() >> 32) as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            rsa::rand_core::impls::fill_bytes_via_next(self, dest)
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rsa::rand_core::Error> {
+            self.fill_bytes(dest);
+            Ok(())
+        }
+    }
+
+    impl rsa::rand_core::CryptoRng for Rng {}
+
+    fn below(rng: &mut Rng, n: usize) -> usize {
+        use rsa::rand_core::RngCore;
+        (rng.next_u64() % n as u64) as usize
+    }
+
+    fn flip(bytes: &[u8], rng: &mut Rng) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        let bit = below(rng, bytes.len() * 8);
+        out[bit / 8] ^= 1 << (bit % 8);
+        out
+    }
+
+    fn hash_of(alg: &str) -> Hash {
+        match &alg[2..] {
+            "256" => Hash::Sha256,
+            "384" => Hash::Sha384,
+            _ => Hash::Sha512,
+        }
+    }
+
+    fn verifies(key: &PublicKey, alg: &str, message: &[u8], signature: &[u8]) -> bool {
+        if alg.starts_with("RS") {
+            key.verify_pkcs1v15(hash_of(alg), message, signature)
+        } else {
+            key.verify_pss(hash_of(alg), message, signature)
+        }
+    }
+
+    fn sign(key: &RsaPrivateKey, alg: &str, message: &[u8], rng: &mut Rng) -> Vec<u8> {
+        use sha2::Digest;
+        match alg {
+            "RS256" => key.sign(Pkcs1v15Sign::new::<Sha256>(), &Sha256::digest(message)),
+            "RS384" => key.sign(Pkcs1v15Sign::new::<Sha384>(), &Sha384::digest(message)),
+            "RS512" => key.sign(Pkcs1v15Sign::new::<Sha512>(), &Sha512::digest(message)),
+            "PS256" => key.sign_with_rng(rng, Pss::new::<Sha256>(), &Sha256::digest(message)),
+            "PS384" => key.sign_with_rng(rng, Pss::new::<Sha384>(), &Sha384::digest(message)),
+            "PS512" => key.sign_with_rng(rng, Pss::new::<Sha512>(), &Sha512::digest(message)),
+            other => panic!("no signer for {other}"),
+        }
+        .unwrap()
+    }
+
+    /// `m^d mod n` for the encoded message `em`: a signature of whatever `em` holds.
+    fn raw_sign(private: &str, em: &[u8]) -> Vec<u8> {
+        let key: Value = serde_json::from_str(private).unwrap();
+        let n = BigUint::from_bytes_be(&field(&key, "n"));
+        let d = BigUint::from_bytes_be(&field(&key, "d"));
+        let s = BigUint::from_bytes_be(em).modpow(&d, &n).to_bytes_be();
+        let k = public(private).size();
+        let mut out = vec![0u8; k - s.len()];
+        out.extend_from_slice(&s);
+        out
+    }
+
+    #[test]
+    fn keys_are_read_and_refused() {
+        let k = public(RSA_OLD);
+        assert_eq!((k.bits(), k.size(), k.exponent()), (2048, 256, 65537));
+        assert_eq!(public(RSA_2049).bits(), 2049);
+        assert_eq!(public(RSA_2049).size(), 257);
+        assert_eq!(public(RSA_4096).size(), 512);
+        assert_eq!(public(RSA_E3).exponent(), 3);
+        let n = field(&serde_json::from_str(RSA_OLD).unwrap(), "n");
+        let mut even = n.clone();
+        *even.last_mut().unwrap() &= 0xfe;
+        assert_eq!(PublicKey::new(&even, 65537), Err(KeyError::Modulus));
+        assert_eq!(PublicKey::new(&[], 65537), Err(KeyError::Modulus));
+        assert_eq!(
+            PublicKey::new(&[0, 0, 0xff, 0xff, 0xff], 3),
+            Err(KeyError::Modulus)
+        );
+        assert_eq!(
+            PublicKey::new(&vec![0xff; MAX_BITS / 8 + 1], 3),
+            Err(KeyError::Modulus)
+        );
+        for e in [0, 1, 2, 65536] {
+            assert_eq!(PublicKey::new(&n, e), Err(KeyError::Exponent), "{e}");
+        }
+        // Leading zero bytes are not part of the modulus.
+        let mut padded = vec![0, 0];
+        padded.extend_from_slice(&n);
+        assert_eq!(PublicKey::new(&padded, 65537), Ok(k));
+        assert_eq!(bit_len(&[0, 0, 1, 0]), 9);
+        assert_eq!(bit_len(&[0, 0]), 0);
+    }
+
+    /// Signatures made by OpenSSL, committed in tests/fixtures/rsa-known-answers.json.
+    #[test]
+    fn known_answers_from_openssl() {
+        let doc: Value = serde_json::from_str(KNOWN_ANSWERS).unwrap();
+        let keys = [
+            ("old-2024", RSA_OLD),
+            ("rsa-4096", RSA_4096),
+            ("rsa-2048-e3", RSA_E3),
+            ("rsa-2049", RSA_2049),
+        ];
+        let answers = doc["signatures"].as_array().unwrap();
+        assert_eq!(answers.len(), keys.len() * ALGS.len());
+        for a in answers {
+            let kid = a["kid"].as_str().unwrap();
+            let key = public(keys.iter().find(|(k, _)| *k == kid).unwrap().1);
+            let alg = a["alg"].as_str().unwrap();
+            let message = a["message"].as_str().unwrap().as_bytes();
+            let signature = unb64(a["signature"].as_str().unwrap());
+            assert!(verifies(&key, alg, message, &signature), "{kid} {alg}");
+            for other in ALGS.iter().filter(|o| **o != alg) {
+                assert!(
+                    !verifies(&key, other, message, &signature),
+                    "{kid} {alg} as {other}"
+                );
+            }
+        }
+    }
+
+    /// Ours accepts what the rsa crate signs, and nothing one bit away: in the signature, the
+    /// message, or the modulus.
+    #[test]
+    fn differential_against_the_rsa_crate() {
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        for (private_jwk, rounds) in [
+            (RSA_OLD, 4),
+            (RSA_NEW, 2),
+            (RSA_E3, 3),
+            (RSA_2049, 4),
+            (RSA_4096, 2),
+        ] {
+            let sk = private(private_jwk);
+            let key = public(private_jwk);
+            let n = field(&serde_json::from_str(private_jwk).unwrap(), "n");
+            for alg in ALGS {
+                for _ in 0..rounds {
+                    let len = below(&mut rng, 300) + 1;
+                    let mut message = vec![0u8; len];
+                    rsa::rand_core::RngCore::fill_bytes(&mut rng, &mut message);
+                    let signature = sign(&sk, alg, &message, &mut rng);
+                    let what = format!("{alg} by {} bits", key.bits());
+                    assert!(verifies(&key, alg, &message, &signature), "{what}");
+                    let s = flip(&signature, &mut rng);
+                    assert!(!verifies(&key, alg, &message, &s), "{what}: signature");
+                    let m = flip(&message, &mut rng);
+                    assert!(!verifies(&key, alg, &m, &signature), "{what}: message");
+                    // An even modulus is no key at all; any other is a different key.
+                    if let Ok(other) = PublicKey::new(&flip(&n, &mut rng), key.exponent()) {
+                        assert!(!verifies(&other, alg, &message, &signature), "{what}: n");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn signatures_out_of_range_or_of_another_length_are_refused() {
+        let key = public(RSA_OLD);
+        let n = field(&serde_json::from_str(RSA_OLD).unwrap(), "n");
+        let mut rng = Rng(7);
+        let good = sign(&private(RSA_OLD), "RS256", b"m", &mut rng);
+        assert!(verifies(&key, "RS256", b"m", &good));
+        let plus_one = {
+            let mut v = BigUint::from_bytes_be(&n);
+            v += 1u32;
+            v.to_bytes_be()
+        };
+        let minus_one = {
+            let mut v = BigUint::from_bytes_be(&n);
+            v -= 1u32;
+            v.to_bytes_be()
+        };
+        let mut long = vec![0u8];
+        long.extend_from_slice(&good);
+        for (what, s) in [
+            ("s = 0", vec![0u8; 256]),
+            ("s = 1", {
+                let mut v = vec![0u8; 256];
+                v[255] = 1;
+                v
+            }),
+            ("s = n", n.clone()),
+            ("s = n + 1", plus_one),
+            ("s = n - 1", minus_one),
+            ("s = 2^2048 - 1", vec![0xff; 256]),
+            ("empty", vec![]),
+            ("short", good[1..].to_vec()),
+            ("long, a zero first", long),
+            ("long, a zero last", [good.as_slice(), &[0]].concat()),
+            ("twice", [good.as_slice(), &good].concat()),
+        ] {
+            for alg in ALGS {
+                assert!(!verifies(&key, alg, b"m", &s), "{what} {alg}");
+            }
+        }
+        // A 2049-bit key's signatures are 257 bytes, the first one 0 or 1.
+        let key = public(RSA_2049);
+        let good = sign(&private(RSA_2049), "PS256", b"m", &mut rng);
+        assert_eq!(good.len(), 257);
+        assert!(verifies(&key, "PS256", b"m", &good));
+        assert!(!verifies(&key, "PS256", b"m", &good[1..]));
+    }
+
+    /// Encoded messages that a parser of the padding might take: only the one we build is.
+    #[test]
+    fn pkcs1v15_compares_the_whole_encoded_message() {
+        use sha2::Digest;
+        let key = public(RSA_E3);
+        let h = Sha256::digest(b"m").to_vec();
+        let info = Hash::Sha256.digest_info_prefix();
+        let em = |ps: usize, tail: &[u8]| {
+            let mut em = vec![0x00, 0x01];
+            em.resize(2 + ps, 0xff);
+            em.push(0);
+            em.extend_from_slice(tail);
+            em
+        };
+        let t = [info, &h].concat();
+        let good = em(256 - 3 - t.len(), &t);
+        assert!(verifies(&key, "RS256", b"m", &raw_sign(RSA_E3, &good)));
+        // DigestInfo without the NULL parameters.
+        let no_null = [&[0x30, 0x2f, 0x30, 0x0b], &info[4..15], &info[17..], &h].concat();
+        // The hash followed by garbage, the padding shorter (Bleichenbacher's e = 3 forgery).
+        let garbage = em(8, &[&t[..], &[0xab; 256 - 11 - 51]].concat());
+        let mut block_type_2 = good.clone();
+        block_type_2[1] = 0x02;
+        let mut a_zero_in_ps = good.clone();
+        a_zero_in_ps[20] = 0x00;
+        let mut sha384_oid = good.clone();
+        sha384_oid[256 - 32 - 5] = 0x02;
+        for (what, forged) in [
+            ("no NULL", em(256 - 3 - no_null.len(), &no_null)),
+            ("garbage after the hash", garbage),
+            ("block type 2", block_type_2),
+            ("a zero in the padding", a_zero_in_ps),
+            ("the SHA-384 OID", sha384_oid),
+        ] {
+            assert_eq!(forged.len(), 256, "{what}");
+            assert!(
+                !verifies(&key, "RS256", b"m", &raw_sign(RSA_E3, &forged)),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn pss_salt_must_be_as_long_as_the_hash() {
+        use sha2::Digest;
+        let sk = private(RSA_OLD);
+        let key = public(RSA_OLD);
+        let mut rng = Rng(11);
+        let digest = Sha256::digest(b"m");
+        for salt in [0, 20, 31, 33, 64] {
+            let s = sk
+                .sign_with_rng(&mut rng, Pss::new_with_salt::<Sha256>(salt), &digest)
+                .unwrap();
+            assert!(!key.verify_pss(Hash::Sha256, b"m", &s), "salt of {salt}");
+        }
+        let s = sk
+            .sign_with_rng(&mut rng, Pss::new_with_salt::<Sha256>(32), &digest)
+            .unwrap();
+        assert!(key.verify_pss(Hash::Sha256, b"m", &s));
+        // The trailer byte and the bits above emBits are checked.
+        let em = {
+            let k = BigUint::from_bytes_be(&field(&serde_json::from_str(RSA_OLD).unwrap(), "n"));
+            let e = BigUint::from(65537u32);
+            let m = BigUint::from_bytes_be(&s).modpow(&e, &k).to_bytes_be();
+            [vec![0u8; 256 - m.len()], m].concat()
+        };
+        assert_eq!(em[255], 0xbc);
+        let mut bad_trailer = em.clone();
+        bad_trailer[255] = 0xbd;
+        let mut top_bit = em.clone();
+        top_bit[0] ^= 0x80;
+        for (what, em) in [("trailer", bad_trailer), ("top bit", top_bit)] {
+            assert!(
+                !key.verify_pss(Hash::Sha256, b"m", &raw_sign(RSA_OLD, &em)),
+                "{what}"
+            );
+        }
+        assert!(key.verify_pss(Hash::Sha256, b"m", &raw_sign(RSA_OLD, &em)));
+    }
+
+    #[test]
+    fn jwk_moduli_with_a_leading_zero_byte_verify() {
+        use super::super::tests::public_jwk;
+        use super::super::verify::{verify, Algorithm, PublicKey as Key};
+        let mut rng = Rng(5);
+        for private_jwk in [RSA_OLD, RSA_E3, RSA_4096] {
+            let mut jwk = public_jwk(private_jwk);
+            let n = [vec![0u8], field(&jwk, "n")].concat();
+            jwk["n"] = URL_SAFE_NO_PAD.encode(&n).into();
+            jwk["kid"] = "padded".into();
+            jwk.as_object_mut().unwrap().remove("alg");
+            let doc = serde_json::to_vec(&serde_json::json!({ "keys": [jwk] })).unwrap();
+            let jwks = super::super::Jwks::parse(&doc).unwrap();
+            let Key::Rsa(k) = &jwks.keys()[0].key else {
+                panic!("not an RSA key")
+            };
+            assert_eq!(k, &public(private_jwk));
+            let sk = private(private_jwk);
+            for (alg, name) in [(Algorithm::Rs256, "RS256"), (Algorithm::Ps512, "PS512")] {
+                let s = sign(&sk, name, b"header.payload", &mut rng);
+                assert!(verify(alg, &jwks.keys()[0].key, b"header.payload", &s));
+            }
+        }
+    }
+}
