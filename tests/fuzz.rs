@@ -2123,3 +2123,170 @@ fn fuzz_jwks_parse() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. RSA signatures
+// ---------------------------------------------------------------------------------------------
+
+/// A modulus, exponent, algorithm, message and signature; `valid` when they are one of the
+/// known answers, unchanged.
+struct RsaInput {
+    n: Vec<u8>,
+    e: u32,
+    alg: &'static str,
+    message: Vec<u8>,
+    signature: Vec<u8>,
+    valid: bool,
+}
+
+/// The known answers of tests/fixtures (OpenSSL signatures) with their keys' `n` and `e`, but
+/// for the 4096-bit key's (the unit tests verify those; here they would be most of the time).
+fn rsa_known_answers() -> Vec<RsaInput> {
+    let keys: Vec<Value> = [
+        include_str!("fixtures/rsa-2048-old.private.jwk.json"),
+        include_str!("fixtures/rsa-2048-e3.private.jwk.json"),
+        include_str!("fixtures/rsa-2049.private.jwk.json"),
+    ]
+    .iter()
+    .map(|k| serde_json::from_str(k).unwrap())
+    .collect();
+    let doc: Value = serde_json::from_str(include_str!("fixtures/rsa-known-answers.json")).unwrap();
+    let unb64 = |v: &Value| URL_SAFE_NO_PAD.decode(v.as_str().unwrap()).unwrap();
+    doc["signatures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| {
+            let key = keys.iter().find(|k| k["kid"] == a["kid"])?;
+            Some(RsaInput {
+                n: unb64(&key["n"]),
+                e: unb64(&key["e"])
+                    .iter()
+                    .fold(0, |acc, &b| (acc << 8) | u32::from(b)),
+                alg: RSA_ALGS.iter().find(|g| a["alg"] == **g).unwrap(),
+                message: a["message"].as_str().unwrap().as_bytes().to_vec(),
+                signature: unb64(&a["signature"]),
+                valid: true,
+            })
+        })
+        .collect()
+}
+
+const RSA_ALGS: [&str; 6] = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512"];
+
+fn rsa_input(rng: &mut Rng, answers: &[RsaInput]) -> RsaInput {
+    if !rng.one_in(10) {
+        // Random keys, mostly small: the work grows with the square of the size (the known
+        // answers, 2048 bits, are most of the target's time all the same).
+        let len = if rng.one_in(40) {
+            rng.below(600)
+        } else {
+            rng.below(130)
+        };
+        let mut n = rng.bytes(len);
+        if let Some(last) = n.last_mut() {
+            *last |= u8::from(!rng.one_in(8));
+        }
+        let e = match rng.below(3) {
+            0 => 65537,
+            1 => 3,
+            _ => rng.next() as u32,
+        };
+        let k = n.iter().skip_while(|&&b| b == 0).count();
+        let sig_len = if rng.one_in(4) { rng.below(k + 2) } else { k };
+        return RsaInput {
+            n,
+            e,
+            alg: RSA_ALGS[rng.below(RSA_ALGS.len())],
+            message: rng.bytes_below(100),
+            signature: rng.bytes(sig_len),
+            valid: false,
+        };
+    }
+    let a = rng.pick(answers);
+    let mut input = RsaInput {
+        n: a.n.clone(),
+        e: a.e,
+        alg: a.alg,
+        message: a.message.clone(),
+        signature: a.signature.clone(),
+        valid: true,
+    };
+    if rng.one_in(3) {
+        return input;
+    }
+    match rng.below(5) {
+        0 => mutate_bytes(rng, &mut input.n, &[]),
+        1 => input.e = rng.range(0, 1 << 17) as u32,
+        2 => input.alg = *rng.pick(&RSA_ALGS),
+        3 => mutate_bytes(rng, &mut input.message, &[]),
+        _ => {
+            let seeds = [a.n.clone()];
+            mutate_bytes(rng, &mut input.signature, &seeds)
+        }
+    }
+    // Leading zero bytes of n are not part of it.
+    let strip = |n: &[u8]| {
+        n.iter()
+            .skip_while(|&&b| b == 0)
+            .copied()
+            .collect::<Vec<u8>>()
+    };
+    input.valid = strip(&input.n) == strip(&a.n)
+        && input.e == a.e
+        && input.alg == a.alg
+        && input.message == a.message
+        && input.signature == a.signature;
+    input
+}
+
+#[test]
+fn fuzz_rsa_verify() {
+    use openai_wif::checks::rsassa::{Hash, PublicKey};
+    let answers = rsa_known_answers();
+    // The known answers' keys, read once: a key is most of the cost of a short signature.
+    let keys: Vec<(Vec<u8>, u32, PublicKey)> = answers
+        .iter()
+        .map(|a| (a.n.clone(), a.e, PublicKey::new(&a.n, a.e).unwrap()))
+        .collect();
+    fuzz(
+        "checks::rsassa verify",
+        |rng| rsa_input(rng, &answers),
+        |i| {
+            format!(
+                "n {} e {} {} message {} signature {} (valid: {})",
+                lit(&i.n),
+                i.e,
+                i.alg,
+                lit(&i.message),
+                lit(&i.signature),
+                i.valid
+            )
+        },
+        |i| {
+            let known = keys.iter().find(|(n, e, _)| *n == i.n && *e == i.e);
+            let key = match known.map_or_else(|| PublicKey::new(&i.n, i.e), |k| Ok(k.2.clone())) {
+                Ok(k) => k,
+                Err(_) if i.valid => return Err("refused the key of a known answer".into()),
+                Err(_) => return Ok(()),
+            };
+            let hash = match &i.alg[2..] {
+                "256" => Hash::Sha256,
+                "384" => Hash::Sha384,
+                _ => Hash::Sha512,
+            };
+            let ok = if i.alg.starts_with("RS") {
+                key.verify_pkcs1v15(hash, &i.message, &i.signature)
+            } else {
+                key.verify_pss(hash, &i.message, &i.signature)
+            };
+            match (ok, i.valid) {
+                (true, true) => accepted(),
+                (false, false) => {}
+                (true, false) => return Err("verified a changed or random signature".into()),
+                (false, true) => return Err("refused a known answer".into()),
+            }
+            Ok(())
+        },
+    );
+}

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{Map, Value};
 
+use super::rsassa;
 use super::verify::{Algorithm, KeyKind, PublicKey};
 
 /// Largest JWKS document read.
@@ -214,23 +215,20 @@ fn jwk(key: &Map<String, Value>) -> Result<Jwk, String> {
     Ok(Jwk { kid, alg, key })
 }
 
-fn rsa_key(n: &[u8], e: &[u8]) -> Result<rsa::RsaPublicKey, String> {
-    let n = rsa::BigUint::from_bytes_be(n);
-    let bits = n.bits();
+fn rsa_key(n: &[u8], e: &[u8]) -> Result<rsassa::PublicKey, String> {
+    let bits = rsassa::bit_len(n);
     if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
         return Err(format!(
             "RSA modulus of {bits} bits, outside {MIN_RSA_BITS} to {MAX_RSA_BITS}"
         ));
     }
     // The exponent is small and odd (65537 in practice): a huge one is a denial of service.
-    let e_value = rsa::BigUint::from_bytes_be(e);
-    let small = e_value.bits() <= 32;
-    let odd = e.last().is_some_and(|b| b & 1 == 1);
-    if !small || !odd || e_value < rsa::BigUint::from(3u32) {
-        return Err("RSA exponent is not an odd number from 3 to 2^32".into());
-    }
-    rsa::RsaPublicKey::new_with_max_size(n, e_value, MAX_RSA_BITS)
-        .map_err(|_| "not a usable RSA public key".to_string())
+    let e_value = (rsassa::bit_len(e) <= 32)
+        .then(|| e.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|&v| v >= 3 && v & 1 == 1)
+        .ok_or("RSA exponent is not an odd number from 3 to 2^32")?;
+    rsassa::PublicKey::new(n, e_value).map_err(|_| "not a usable RSA public key".to_string())
 }
 
 fn p256_key(x: &[u8], y: &[u8]) -> Result<p256::ecdsa::VerifyingKey, String> {

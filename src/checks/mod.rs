@@ -33,6 +33,7 @@
 pub mod diagnose;
 pub mod expect;
 pub mod jwks;
+pub mod rsassa;
 mod token;
 pub mod verify;
 

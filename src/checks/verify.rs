@@ -7,8 +7,8 @@
 //! (Kubernetes, Google, Entra, SPIRE) that sign with RSA or P-256.
 
 use p256::ecdsa::signature::Verifier;
-use rsa::{Pkcs1v15Sign, Pss, RsaPublicKey};
-use sha2::{Digest, Sha256, Sha384, Sha512};
+
+use super::rsassa::{self, Hash};
 
 /// A JWS algorithm the checks can verify.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,7 +94,7 @@ pub fn unsupported(alg: &str) -> Option<String> {
 /// A public key ready to verify with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PublicKey {
-    Rsa(RsaPublicKey),
+    Rsa(rsassa::PublicKey),
     P256(p256::ecdsa::VerifyingKey),
 }
 
@@ -111,36 +111,12 @@ impl PublicKey {
 /// `header.payload`) under `key`. A key of the wrong kind never verifies.
 pub fn verify(alg: Algorithm, key: &PublicKey, signed: &[u8], signature: &[u8]) -> bool {
     match (alg, key) {
-        (Algorithm::Rs256, PublicKey::Rsa(k)) => k
-            .verify(
-                Pkcs1v15Sign::new::<Sha256>(),
-                &Sha256::digest(signed),
-                signature,
-            )
-            .is_ok(),
-        (Algorithm::Rs384, PublicKey::Rsa(k)) => k
-            .verify(
-                Pkcs1v15Sign::new::<Sha384>(),
-                &Sha384::digest(signed),
-                signature,
-            )
-            .is_ok(),
-        (Algorithm::Rs512, PublicKey::Rsa(k)) => k
-            .verify(
-                Pkcs1v15Sign::new::<Sha512>(),
-                &Sha512::digest(signed),
-                signature,
-            )
-            .is_ok(),
-        (Algorithm::Ps256, PublicKey::Rsa(k)) => k
-            .verify(Pss::new::<Sha256>(), &Sha256::digest(signed), signature)
-            .is_ok(),
-        (Algorithm::Ps384, PublicKey::Rsa(k)) => k
-            .verify(Pss::new::<Sha384>(), &Sha384::digest(signed), signature)
-            .is_ok(),
-        (Algorithm::Ps512, PublicKey::Rsa(k)) => k
-            .verify(Pss::new::<Sha512>(), &Sha512::digest(signed), signature)
-            .is_ok(),
+        (Algorithm::Rs256, PublicKey::Rsa(k)) => k.verify_pkcs1v15(Hash::Sha256, signed, signature),
+        (Algorithm::Rs384, PublicKey::Rsa(k)) => k.verify_pkcs1v15(Hash::Sha384, signed, signature),
+        (Algorithm::Rs512, PublicKey::Rsa(k)) => k.verify_pkcs1v15(Hash::Sha512, signed, signature),
+        (Algorithm::Ps256, PublicKey::Rsa(k)) => k.verify_pss(Hash::Sha256, signed, signature),
+        (Algorithm::Ps384, PublicKey::Rsa(k)) => k.verify_pss(Hash::Sha384, signed, signature),
+        (Algorithm::Ps512, PublicKey::Rsa(k)) => k.verify_pss(Hash::Sha512, signed, signature),
         (Algorithm::Es256, PublicKey::P256(k)) => {
             // Exactly r || s: a DER signature, or one with extra bytes, is not a JWS signature.
             signature.len() == 64
